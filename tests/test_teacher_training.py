@@ -1,0 +1,210 @@
+"""Teacher training: augmentation, the data-parallel step, resume, metrics and the checkpoint."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax import data as data_lib
+from cpsc_jax import teacher_training as tt
+from cpsc_jax.train_state import TrainState
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digits_config(**kw):
+    c = tt.default_teacher_config(arch="small_cnn", data=dict(name="digits"),
+                                  mean=data_lib.NORMALIZATION["digits"][0],
+                                  std=data_lib.NORMALIZATION["digits"][1], batch_size=64,
+                                  epochs=2, lr=0.05, crop_padding=1, flip=False,
+                                  log_every_s=1e9, checkpoint_min_interval_s=0.0)
+    c.update(kw)
+    return c
+
+
+# --- augmentation ------------------------------------------------------------------------------
+
+def test_random_crop_flip_semantics():
+    x = jnp.asarray(np.random.RandomState(0).rand(6, 5, 5, 2), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    chex.assert_trees_all_equal(tt.random_crop_flip(key, x, 0, False), x)
+    flipped = np.asarray(tt.random_crop_flip(key, x, 0, True))
+    for a, b in zip(flipped, np.asarray(x)):
+        assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+    cropped = np.asarray(tt.random_crop_flip(jax.random.PRNGKey(3), x, 2, False))
+    padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))  # zero (black) padding
+    for a, p in zip(cropped, padded):
+        assert any(np.array_equal(a, p[i:i + 5, j:j + 5]) for i in range(5) for j in range(5))
+    assert cropped.shape == x.shape
+
+
+# --- the data-parallel step --------------------------------------------------------------------
+
+def _state(arch="small_cnn", size=8, channels=1, axis=tt.AXIS):
+    spec = ckpt_lib.ModelSpec(arch, 10, size, channels, (0.3,), (0.4,))
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
+    v = tt.init_variables(spec, jax.random.PRNGKey(0))
+    return TrainState.create(apply_fn=spec.build(axis_name=axis).apply, params=v["params"],
+                             batch_stats=v["batch_stats"], tx=tx)
+
+
+def test_chunk_scan_with_padding_equals_single_steps():
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 256, (40, 8, 8, 1)).astype(np.uint8)
+    labels = rng.randint(0, 10, 40).astype(np.int32)
+    mesh = tt.device_mesh(jax.local_devices()[:1])
+    imgs, labs = tt.put_on_devices(images, mesh), tt.put_on_devices(labels, mesh)
+    key = tt.replicate(jax.random.PRNGKey(1), mesh)
+    idx = rng.randint(0, 40, (1, 4, 8)).astype(np.int32)  # [D, K, b]
+    single = tt.make_train_chunk(mesh, (0.3,), (0.4,), 1, True, steps_per_call=1)
+    s1 = tt.replicate(_state(), mesh)
+    losses = []
+    for k in range(3):
+        s1, sums = single(s1, imgs, labs, idx[:, k:k + 1], np.ones(1, bool), key)
+        losses.append(float(sums["loss_sum"]))
+    multi = tt.make_train_chunk(mesh, (0.3,), (0.4,), 1, True, steps_per_call=4)
+    s4, sums4 = multi(tt.replicate(_state(), mesh), imgs, labs, idx,
+                      np.array([True, True, True, False]), key)  # the 4th step is padding
+    assert int(s4.step) == int(s1.step) == 3
+    assert int(sums4["count"]) == 24
+    np.testing.assert_allclose(float(sums4["loss_sum"]), sum(losses), rtol=1e-5)
+    chex.assert_trees_all_close(s4.params, s1.params, atol=1e-5)
+    chex.assert_trees_all_close(s4.batch_stats, s1.batch_stats, atol=1e-5)
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import chex, jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    import test_teacher_training as T
+    from cpsc_jax import teacher_training as tt
+    assert jax.local_device_count() == 2, jax.devices()
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 256, (64, 8, 8, 1)).astype(np.uint8)
+    labels = rng.randint(0, 10, 64).astype(np.int32)
+    idx = rng.permutation(64)[:32].astype(np.int32)
+    out = {{}}
+    for n in (1, 2):  # the same global batch of 32 on one device, then split over two
+        mesh = tt.device_mesh(jax.local_devices()[:n])
+        step = tt.make_train_chunk(mesh, (0.3,), (0.4,), 0, False, steps_per_call=1)
+        state = tt.replicate(T._state(), mesh)
+        state, sums = step(state, tt.put_on_devices(images, mesh), tt.put_on_devices(labels, mesh),
+                           idx.reshape(n, 1, 32 // n), np.ones(1, bool),
+                           tt.replicate(jax.random.PRNGKey(0), mesh))
+        out[n] = (jax.device_get(state.params), jax.device_get(state.batch_stats),
+                  jax.device_get(sums))
+    chex.assert_trees_all_close(out[1][0], out[2][0], atol=2e-5)   # gradients averaged
+    chex.assert_trees_all_close(out[1][1], out[2][1], atol=2e-5)   # global BN statistics
+    np.testing.assert_allclose(out[1][2]["loss_sum"], out[2][2]["loss_sum"], rtol=1e-5)
+    assert int(out[2][2]["count"]) == 32
+    path = tt.train_teacher(T.digits_config(epochs=1), sys.argv[1], log=lambda s: None)
+    print(json.dumps(json.loads(open(os.path.join(sys.argv[1], tt.METRICS_FILE)).readline())))
+""")
+
+
+def test_two_devices_match_one(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    script = MULTI_DEVICE_SCRIPT.format(tests=str(Path(__file__).parent))
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, cwd=str(REPO),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert record["epoch"] == 1 and record["test_accuracy"] > 30.0
+
+
+# --- the whole run: checkpoint, metrics, resume ------------------------------------------------
+
+def test_train_teacher_writes_checkpoint_metrics_and_resumes(tmp_path):
+    lines = []
+    full = tt.train_teacher(digits_config(epochs=3), str(tmp_path / "a"), log=lines.append)
+    assert full == str(tmp_path / "a" / "teacher")
+    spec, variables = ckpt_lib.load_model(full)
+    assert (spec.arch, spec.num_classes, spec.image_size, spec.channels) == ("small_cnn", 10, 8, 1)
+    chex.assert_trees_all_close(spec.mean, data_lib.NORMALIZATION["digits"][0])
+    records = [json.loads(l) for l in open(tmp_path / "a" / tt.METRICS_FILE)]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for key in ("train_loss", "train_accuracy", "test_accuracy", "lr", "elapsed_s", "images_per_s"):
+        assert key in records[-1]
+    assert records[-1]["lr"] == 0.0 and records[0]["lr"] > records[1]["lr"]  # cosine to 0
+    test = data_lib.load_split({"name": "digits"}, "test")
+    acc = tt.evaluate_classifier(spec.build(), variables, test, spec.mean, spec.std)
+    assert acc == pytest.approx(records[-1]["test_accuracy"]) and acc > 80.0
+    assert spec.extra["accuracy"]["digits/test"] == pytest.approx(acc, abs=1e-3)
+    assert any("ETA" in l for l in lines)
+
+    # Interrupted after epoch 2 (its checkpoint and metric line are written), then re-run.
+    cfg = digits_config(epochs=3, log_every_s=0.0)  # progress lines at every step
+    with pytest.raises(KeyboardInterrupt):
+        tt.train_teacher(cfg, str(tmp_path / "b"), log=_raise_at("teacher epoch 2/3 loss"))
+    assert not ckpt_lib.is_model_checkpoint(str(tmp_path / "b" / "teacher"))
+    resumed = []
+    tt.train_teacher(cfg, str(tmp_path / "b"), log=resumed.append)
+    assert any("resuming" in l and "after epoch 2/3" in l for l in resumed)
+    assert not any("warning" in l for l in resumed), resumed
+    _, v2 = ckpt_lib.load_model(str(tmp_path / "b" / "teacher"))
+    chex.assert_trees_all_close(v2, variables, atol=1e-6)  # same trajectory as uninterrupted
+    records_b = [json.loads(l) for l in open(tmp_path / "b" / tt.METRICS_FILE)]
+    assert [r["epoch"] for r in records_b] == [1, 2, 3]
+
+    # A finished run returns at once.
+    again = []
+    assert tt.train_teacher(cfg, str(tmp_path / "b"), log=again.append) == str(tmp_path / "b" / "teacher")
+    assert "nothing to train" in again[0]
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    cfg = digits_config(epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        tt.train_teacher(cfg, str(tmp_path), log=_raise_at("teacher epoch 1/2 loss"))
+    with pytest.raises(ValueError, match="fresh"):
+        tt.train_teacher(digits_config(epochs=2, arch="small_cnn_half"), str(tmp_path),
+                         log=lambda s: None)
+
+
+def _raise_at(prefix):
+    def log(msg):
+        if msg.startswith(prefix):
+            raise KeyboardInterrupt
+    return log
+
+
+def test_bad_settings_fail_early(tmp_path):
+    with pytest.raises(ValueError, match="exceeds"):
+        tt.train_teacher(digits_config(batch_size=4096), str(tmp_path), log=lambda s: None)
+    with pytest.raises(ValueError, match="mean/std"):
+        tt.train_teacher(digits_config(mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0)), str(tmp_path),
+                         log=lambda s: None)
+
+
+def test_script_parses_flags_and_overrides(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "train_teacher.py"),
+                        "--config", str(REPO / "configs" / "teachers" / "digits.py"),
+                        "--workdir", str(tmp_path), "--config.epochs=1",
+                        "--config.batch_size=128"],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "teacher")
+    assert "1 epochs x 11 steps of 128" in r.stdout
+    assert ckpt_lib.is_model_checkpoint(str(tmp_path / "teacher"))
+
+
+def test_teacher_configs_load():
+    import importlib.util
+    for path in sorted((REPO / "configs" / "teachers").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config()
+        data_lib.dataset_info(c.data.name)
+        assert c.arch in __import__("cpsc_jax.models", fromlist=["x"]).available_models()
+        assert len(c.mean) == data_lib.dataset_info(c.data.name).channels

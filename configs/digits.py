@@ -43,6 +43,7 @@ def get_config():
     c.lr_generator = 1e-3
     c.adam_b1 = 0.5
     c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
     c.generator_optimizer = "reset"     # released: a new Adam every step; or "persistent"
     c.generator_schedule = "constant"   # for "persistent" only: "constant" or "cosine"
 

@@ -20,10 +20,12 @@ def get_config():
     c.teacher = ml_collections.ConfigDict(dict(
         arch="lenet5_bn", checkpoint="", train_if_missing=False))
     c.student = ml_collections.ConfigDict(dict(arch="lenet5_half"))
-    c.generator = ml_collections.ConfigDict(dict(nz=256, ngf=64, num_upsamples=2))
+    # A quarter-width generator: at ngf=64 the generator is ~95% of the FLOPs of an iteration and
+    # a CPU manages ~0.1 it/s; MNIST digits need far less capacity.
+    c.generator = ml_collections.ConfigDict(dict(nz=256, ngf=16, num_upsamples=2))
 
-    c.batch_size = 256
-    c.epochs = 20
+    c.batch_size = 128
+    c.epochs = 12
     c.epoch_itrs = 50
     c.g_steps = 1
     c.s_steps = 5
@@ -35,6 +37,7 @@ def get_config():
     c.lr_generator = 1e-3
     c.adam_b1 = 0.5
     c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
     c.generator_optimizer = "reset"
     c.generator_schedule = "constant"
 

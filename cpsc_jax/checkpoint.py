@@ -38,6 +38,9 @@ class ModelSpec:
     def build(self, axis_name=None, dtype=None):
         return get_model(self.arch, self.num_classes, axis_name=axis_name, dtype=dtype)
 
+    def has_batchnorm(self) -> bool:
+        return bool(jax.tree.leaves(self.abstract_variables().get("batch_stats", {})))
+
     def abstract_variables(self):
         model = self.build()
         x = jnp.zeros((1, self.image_size, self.image_size, self.channels), jnp.float32)

@@ -34,6 +34,7 @@ def validate_config(config, num_devices: int = 1) -> None:
     _check(config.weight_decay >= 0, f"config.weight_decay must be >= 0, got {config.weight_decay!r}")
     for field in ("adam_b1", "adam_b2"):
         _check(0 <= config[field] < 1, f"config.{field} must be in [0, 1), got {config[field]!r}")
+    _check(config.adam_eps > 0, f"config.adam_eps must be > 0, got {config.adam_eps!r}")
     _check(config.generator_optimizer in ("reset", "persistent"),
            f"config.generator_optimizer must be 'reset' (released) or 'persistent', got {config.generator_optimizer!r}")
     _check(config.generator_schedule in ("constant", "cosine"),
@@ -65,5 +66,9 @@ def validate_teacher(config, spec) -> None:
     _check(spec.image_size == config.image_size and spec.channels == config.channels,
            f"the teacher expects {spec.image_size}x{spec.image_size}x{spec.channels} inputs but the "
            f"config says {config.image_size}x{config.image_size}x{config.channels}")
+    if config.loss.beta > 0 and not spec.has_batchnorm():
+        raise ConfigError(f"config.loss.beta={config.loss.beta} needs BatchNorm layers in the teacher, "
+                          f"but {spec.arch!r} has none: use a BN variant (e.g. lenet5_bn) or set "
+                          "--config.loss.beta=0")
     _check(spec.arch == config.teacher.arch,
            f"the teacher checkpoint is a {spec.arch!r} but config.teacher.arch={config.teacher.arch!r}")

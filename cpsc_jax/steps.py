@@ -76,7 +76,7 @@ def init_state(nets: Networks, config, rng) -> DistillState:
     generator = TrainState.create(apply_fn=nets.generator.apply, params=g_vars["params"],
                                   batch_stats=g_vars["batch_stats"], tx=generator_optimizer(config))
     student = TrainState.create(apply_fn=nets.student.apply, params=s_vars["params"],
-                                batch_stats=s_vars["batch_stats"],
+                                batch_stats=s_vars.get("batch_stats", {}),
                                 tx=student_optimizer(config, config.s_steps))
     adapter = None
     if nets.adapter is not None:
@@ -144,7 +144,7 @@ def generator_step(nets: Networks, config, num_devices: int, teacher_vars, devic
             terms["ce"] = losses.cross_entropy_loss(t_logits, y, w.ce_form)
             loss += w.eta * terms["ce"]
         terms["teacher_agrees"] = jnp.mean(jnp.argmax(t_logits, -1) == y)
-        return loss, (terms, g_stats, s_updates["batch_stats"])
+        return loss, (terms, g_stats, s_updates.get("batch_stats", {}))
 
     a_params = ada.params if ada is not None else None
     (loss, (terms, g_stats, s_stats)), (g_grads, a_grads) = jax.value_and_grad(
@@ -186,7 +186,7 @@ def student_step(nets: Networks, config, num_devices: int, teacher_vars, device_
             terms["ce"] = losses.cross_entropy_loss(s_logits, y, w.ce_form)
             loss += w.eta * terms["ce"]
         terms["agreement"] = jnp.mean(jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1))
-        return loss, (terms, updates["batch_stats"])
+        return loss, (terms, updates.get("batch_stats", {}))
 
     (loss, (terms, s_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(stu.params)
     grads = jax.lax.pmean(grads, AXIS)

@@ -35,4 +35,4 @@ def generator_optimizer(config):
     lr = config.lr_generator
     if config.generator_optimizer == "persistent" and config.generator_schedule == "cosine":
         lr = optax.cosine_decay_schedule(lr, config.epochs * config.epoch_itrs * config.g_steps)
-    return optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2)
+    return optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)

@@ -1,0 +1,45 @@
+"""Test setup: two simulated CPU devices (set before JAX is imported) and tiny shared configs."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=2").strip()
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_digits_config():
+    """The digits config shrunk for unit tests: small generator, few iterations."""
+    c = load_config("digits")
+    c.batch_size = 16
+    c.epochs = 2
+    c.epoch_itrs = 2
+    c.g_steps = 2
+    c.s_steps = 2
+    c.warmup_epochs = 1
+    c.generator.nz = 8
+    c.generator.ngf = 4
+    c.log_every = 1
+    c.sample_columns = 2
+    c.teacher.training.epochs = 2
+    return c
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """A digits teacher checkpoint, trained once per test session (a couple of epochs)."""
+    from cpsc_jax.teacher_training import train_teacher
+    workdir = tmp_path_factory.mktemp("digits_teacher")
+    return train_teacher(tiny_digits_config().teacher.training, str(workdir), log=lambda *a: None)

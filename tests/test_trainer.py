@@ -1,0 +1,118 @@
+"""The trainer: exact resume, non-finite stop, config validation, and one end-to-end digits run."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_digits_config
+from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax.config_validation import ConfigError, validate_config, validate_teacher
+from cpsc_jax.trainer import NonFiniteLossError, train_and_evaluate
+
+quiet = lambda *a: None
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def test_interrupted_then_resumed_run_equals_straight_run(tmp_path, digits_teacher):
+    config = tiny_digits_config()
+    config.teacher.checkpoint = digits_teacher
+    straight = train_and_evaluate(config, str(tmp_path / "straight"), log=quiet)
+    assert train_and_evaluate(config, str(tmp_path / "split"), log=quiet,
+                              stop_after_epochs=1) == {"stopped_at_step": config.epoch_itrs}
+    assert not (tmp_path / "split" / "student").exists()
+    resumed = train_and_evaluate(config, str(tmp_path / "split"), log=quiet)
+    _, a = ckpt_lib.load_model(straight["student_checkpoint"])
+    _, b = ckpt_lib.load_model(resumed["student_checkpoint"])
+    np.testing.assert_allclose(_flat(a), _flat(b), rtol=1e-6, atol=1e-7)
+    assert straight["history"] == resumed["history"]
+    lines = lambda d: [json.loads(l)["step"] for l in open(tmp_path / d / "metrics.jsonl")]
+    assert lines("straight") == lines("split")
+    for key in ("teacher_accuracy", "student_accuracy", "best_student_accuracy"):
+        assert isinstance(resumed[key], float)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_teacher):
+    config = tiny_digits_config()
+    config.teacher.checkpoint = digits_teacher
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir, log=quiet, stop_after_epochs=1)
+    manager = ckpt_lib.RunCheckpointer(os.path.join(workdir, "checkpoints"))
+    good = manager.latest_step()
+    manager.close()
+    config.lr_generator = 1e30   # generator weights overflow at once
+    with pytest.raises(NonFiniteLossError, match="non-finite .* intact"):
+        train_and_evaluate(config, workdir, log=quiet)
+    manager = ckpt_lib.RunCheckpointer(os.path.join(workdir, "checkpoints"))
+    assert manager.latest_step() == good
+    manager.close()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("student.arch", "resnet1000", "unknown model 'resnet1000'; valid names: "),
+    ("batch_size", 15, "not divisible by the 2 local devices"),
+    ("g_steps", 0, "config.g_steps must be an integer >= 1"),
+    ("loss.gamma", -0.5, "config.loss.gamma is a loss weight and must be >= 0"),
+    ("loss.ikd_form", "cube", "ikd_form must be 'log' or 'mse'"),
+    ("generator_optimizer", "sgd", "generator_optimizer must be 'reset'"),
+    ("image_size", 10, "divisible by 2\\*\\*generator.num_upsamples"),
+])
+def test_config_validation_messages(field, value, message):
+    config = tiny_digits_config()
+    parent, _, leaf = field.rpartition(".")
+    (config[parent] if parent else config)[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, num_devices=2)
+
+
+def test_teacher_mismatch_messages(digits_teacher):
+    spec = ckpt_lib.load_model_spec(digits_teacher)
+    config = tiny_digits_config()
+    config.num_classes = 100
+    with pytest.raises(ConfigError, match="teacher checkpoint has 10 classes but config.num_classes=100"):
+        validate_teacher(config, spec)
+    config = tiny_digits_config()
+    config.image_size = 32
+    nobn = ckpt_lib.ModelSpec("lenet5", 10, 32, 1, (0.3,), (0.4,))
+    with pytest.raises(ConfigError, match="needs BatchNorm layers in the teacher"):
+        validate_teacher(config, nobn)
+
+
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
+    config = tiny_digits_config()
+    config.teacher.checkpoint = str(tmp_path / "nope")
+    config.teacher.train_if_missing = False
+    with pytest.raises(ConfigError, match="is not a model checkpoint"):
+        train_and_evaluate(config, str(tmp_path / "w"), log=quiet)
+
+
+def test_end_to_end_digits_script(tmp_path):
+    """The README's first command, shrunk: trains the teacher, distils, writes every artefact."""
+    workdir = tmp_path / "digits"
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs" / "digits.py"),
+           "--workdir", str(workdir), "--config.epochs=2", "--config.epoch_itrs=10",
+           "--config.teacher.training.epochs=3", "--config.log_every=5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ETA" in proc.stdout and "student" in proc.stdout
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["teacher_accuracy"] > 80.0
+    assert results["student_accuracy"] > 30.0          # well above chance (10%) after 20 iterations
+    assert results["best_student_accuracy"] >= results["student_accuracy"]
+    assert len(results["history"]) == 2
+    png = (workdir / "samples" / "epoch_0002.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    assert any("student_accuracy" in r for r in records) and any("generator/loss" in r for r in records)
+    assert ckpt_lib.load_model_spec(str(workdir / "student")).arch == "small_cnn_half"
+
+    bad = subprocess.run(cmd[:4] + ["--workdir", str(tmp_path / "bad"), "--config.student.arch=nope"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bad.returncode != 0
+    assert "unknown model 'nope'" in bad.stderr and "Traceback" not in bad.stderr

@@ -27,18 +27,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from cpsc_jax.data.base import NORMALIZATION
+
 # Input normalisation the published teachers were trained with (spec §2 and the released code).
 # mean/std per channel; image_size is the side the networks see (MNIST is resized to 32x32).
 DATASETS: Dict[str, Dict[str, Any]] = {
-    "cifar10": {"mean": (0.4914, 0.4822, 0.4465), "std": (0.2023, 0.1994, 0.2010),
-                "image_size": 32, "channels": 3},
-    "cifar100": {"mean": (0.5071, 0.4867, 0.4408), "std": (0.2675, 0.2565, 0.2761),
-                 "image_size": 32, "channels": 3},
-    "mnist": {"mean": (0.1307,), "std": (0.3081,), "image_size": 32, "channels": 1},
-    "tiny_imagenet": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-                      "image_size": 64, "channels": 3},
-    "svhn": {"mean": (0.4377, 0.4438, 0.4728), "std": (0.198, 0.201, 0.197),
-             "image_size": 32, "channels": 3},
+    name: {"mean": NORMALIZATION[name][0], "std": NORMALIZATION[name][1],
+           "image_size": 64 if name == "tiny_imagenet" else 32,
+           "channels": len(NORMALIZATION[name][0])}
+    for name in ("cifar10", "cifar100", "mnist", "tiny_imagenet", "svhn")
 }
 
 # Keys under which training scripts nest the model's state_dict (CMI/Fast: "state_dict" next to

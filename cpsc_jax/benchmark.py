@@ -1,0 +1,471 @@
+"""Timing harness for the CPSC-DFKD iteration: JAX (the project's pmapped iteration) against a
+PyTorch baseline of the same iteration (`bench/`, imported lazily: torch stays optional).
+
+What is measured, per framework, on the same networks, shapes and global batch:
+  * one full iteration (G_steps generator steps + S_steps student steps), and each phase alone;
+  * after warm-up, timed calls interleaved round-robin across every variant (so a change in the
+    machine's load hits all of them alike), each call synchronised (`block_until_ready` /
+    `torch.cuda.synchronize`), median and quartiles of N;
+  * JAX compile time (ahead-of-time `lower` + `compile` of exactly the executables that are
+    timed), torch.compile's first-call time;
+  * FLOPs per iteration from XLA's cost analysis of the compiled executables (exact for
+    straight-line code; for `lax.scan` code, whose loop body XLA counts once, from one-step
+    executables times the step counts), and torch's FlopCounterMode count as a cross-check
+    (matmul/conv only);
+  * MFU = FLOPs / time / peak, for devices in `PEAK_FLOPS` (null elsewhere, e.g. CPUs);
+  * peak device memory where the backend reports it (GPU), and XLA's compiled memory analysis.
+
+`run_benchmark(config, ...)` returns one flat JSON-able dict; `scripts/benchmark.py` prints it.
+"""
+import dataclasses
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense (no sparsity) peak FLOP/s per device, from the vendors' data sheets. "fp32" is the plain
+# FP32 vector rate; "tf32" the tensor-core rate XLA and cuDNN use for f32 matmuls/convs by
+# default on these GPUs. Keys are matched as substrings of `device_kind` (longest first).
+PEAK_FLOPS: Dict[str, Dict[str, float]] = {
+    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H100 PCIe": {"bf16": 756.5e12, "fp16": 756.5e12, "tf32": 378.0e12, "fp32": 51.2e12},
+    "H100 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60.0e12},
+    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},  # SXM
+    "A100": {"bf16": 312.0e12, "fp16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+}
+
+# XLA:CPU flags found to speed this workload up on x86 (see the README's Benchmark section):
+# convolutions routed to YNNPACK by default are several times slower than XLA's own (Eigen)
+# convolutions for the weight-gradient convolutions of the backward pass.
+CPU_TUNED_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def peak_flops(device_kind: str, precision: str) -> Optional[float]:
+    """Peak FLOP/s of one device of this kind at this precision, or None if unknown."""
+    kind = device_kind.upper()
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key.upper() in kind:
+            return PEAK_FLOPS[key].get(precision)
+    return None
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock seconds of timed calls (after warm-up)."""
+
+    times_s: List[float]
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * statistics.median(self.times_s)
+
+    def summary(self) -> Dict[str, float]:
+        ms = sorted(1e3 * t for t in self.times_s)
+        q = np.percentile(ms, [25, 75]) if len(ms) > 1 else (ms[0], ms[0])
+        return {"median_ms": round(self.median_ms, 3), "min_ms": round(ms[0], 3),
+                "p25_ms": round(float(q[0]), 3), "p75_ms": round(float(q[1]), 3),
+                "mean_ms": round(float(np.mean(ms)), 3), "n": len(ms)}
+
+
+def time_call(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
+    """Seconds of one synchronised call."""
+    start = time.perf_counter()
+    sync(fn())
+    return time.perf_counter() - start
+
+
+def time_interleaved(variants: Dict[str, Callable[[], float]], iters: int,
+                     warmup: int) -> Dict[str, Timing]:
+    """`variants` maps a name to a zero-argument function returning the seconds of one
+    synchronised call. Every variant is warmed up, then timed `iters` times round-robin."""
+    for _ in range(warmup):
+        for run in variants.values():
+            run()
+    times = {name: [] for name in variants}
+    for _ in range(iters):
+        for name, run in variants.items():
+            times[name].append(run())
+    return {name: Timing(t) for name, t in times.items()}
+
+
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------- XLA analysis
+
+
+def xla_flops(compiled) -> Optional[float]:
+    """FLOPs of one execution (per device) from XLA's cost analysis, or None."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def xla_memory(compiled) -> Dict[str, Optional[int]]:
+    """XLA's static memory analysis of an executable (bytes): arguments, outputs, temporaries."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        m = None
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+              "temp_size_in_bytes")
+    return {f: (int(getattr(m, f)) if m is not None and hasattr(m, f) else None) for f in fields}
+
+
+def device_peak_memory(device) -> Optional[int]:
+    """Peak bytes in use on a device since start, where the backend reports it (not XLA:CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    if not stats:
+        return None
+    return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))) or None
+
+
+# ----------------------------------------------------------------------------- JAX side
+
+
+def _repeat(step, carry, keys, unroll: bool):
+    """Same structure as the iteration's loop (cpsc_jax.steps): lax.scan or straight-line."""
+    if not unroll:
+        return jax.lax.scan(step, carry, keys)
+    outs = []
+    for i in range(keys.shape[0]):
+        carry, out = step(carry, keys[i])
+        outs.append(out)
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def make_phase(nets, config, num_devices: int, phase: str, num_steps: int,
+               donate: bool = True):
+    """A pmapped `(state, teacher_vars, device_ids) -> (state, metrics)` running `num_steps`
+    generator steps (phase='generator') or student steps (phase='student') exactly as the
+    iteration does (same step functions, keys drawn the same way, same loop form)."""
+    from cpsc_jax import steps
+
+    step_fn = {"generator": steps.generator_step, "student": steps.student_step}[phase]
+    salt = 0 if phase == "generator" else 1
+    unroll = steps.scan_unroll(config)
+
+    def run(state, teacher_vars, device_index):
+        key = jax.random.fold_in(state.rng, state.step)
+        keys = jax.random.split(jax.random.fold_in(key, salt), num_steps)
+        carry = (state.generator, state.student, state.adapter)
+        carry, metrics = _repeat(
+            functools.partial(step_fn, nets, config, num_devices, teacher_vars, device_index),
+            carry, keys, unroll)
+        gen, stu, ada = carry
+        new_state = state.replace(step=state.step + 1, generator=gen, student=stu, adapter=ada)
+        return new_state, {k: jnp.mean(v) for k, v in metrics.items()}
+
+    return jax.pmap(run, axis_name=steps.AXIS, in_axes=(None, None, 0), out_axes=(None, None),
+                    donate_argnums=(0,) if donate else ())
+
+
+class JaxRunner:
+    """The JAX iteration (and its phases) compiled ahead of time on random networks."""
+
+    def __init__(self, config, num_devices: Optional[int] = None, phases: bool = True,
+                 donate: bool = True, seed: int = 0, log: Callable[[str], None] = print):
+        from cpsc_jax import steps
+        from cpsc_jax.checkpoint import ModelSpec, init_variables
+
+        self.config = config
+        self.num_devices = num_devices or jax.local_device_count()
+        self.unroll = steps.scan_unroll(config)
+        n = self.num_devices
+        nets = steps.build_networks(config, config.teacher.arch)
+        c = config.channels
+        teacher_spec = ModelSpec(config.teacher.arch, config.num_classes, config.image_size, c,
+                                 (0.0,) * c, (1.0,) * c)
+        k_state, k_teacher = jax.random.split(jax.random.PRNGKey(seed))
+        # Replicated like the iteration's outputs, or the second call would recompile.
+        self.state = steps.replicate(steps.init_state(nets, config, k_state), n)
+        self.teacher_vars = steps.replicate(init_variables(teacher_spec, k_teacher), n)
+        self.ids = steps.device_ids(n)
+        self.has_adapter = nets.adapter is not None
+
+        fns = {"iteration": steps.make_train_iteration(nets, config, n, donate=donate)}
+        if phases:
+            fns["generator_phase"] = make_phase(nets, config, n, "generator", config.g_steps,
+                                                donate)
+            fns["student_phase"] = make_phase(nets, config, n, "student", config.s_steps, donate)
+        if not self.unroll:
+            # XLA's cost analysis counts a while-loop body once: take FLOPs from one-step
+            # executables (a length-1 loop) instead.
+            fns["generator_step"] = make_phase(nets, config, n, "generator", 1, donate)
+            fns["student_step"] = make_phase(nets, config, n, "student", 1, donate)
+        self.compiled, self.compile_s, self.flops, self.memory = {}, {}, {}, {}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            lowered = fn.lower(self.state, self.teacher_vars, self.ids)
+            compiled = lowered.compile()
+            self.compile_s[name] = time.perf_counter() - t0
+            self.compiled[name] = compiled
+            self.flops[name] = xla_flops(compiled)
+            self.memory[name] = xla_memory(compiled)
+            log(f"  jax: compiled {name} in {self.compile_s[name]:.1f} s")
+
+    def call(self, name: str) -> float:
+        """Runs one compiled executable on the current state; seconds, synchronised."""
+        start = time.perf_counter()
+        self.state, metrics = self.compiled[name](self.state, self.teacher_vars, self.ids)
+        jax.block_until_ready((self.state, metrics))
+        self.last_metrics = metrics
+        return time.perf_counter() - start
+
+    def flops_per_iteration(self) -> Dict[str, Optional[float]]:
+        """Global (all devices) FLOPs per iteration and per phase, and how they were obtained."""
+        n, c = self.num_devices, self.config
+        if self.unroll:
+            it = self.flops.get("iteration")
+            g = self.flops.get("generator_phase")
+            s = self.flops.get("student_phase")
+            source = "xla_cost_analysis(straight-line executables)"
+        else:
+            gs, ss = self.flops.get("generator_step"), self.flops.get("student_step")
+            g = c.g_steps * gs if gs is not None else None
+            s = c.s_steps * ss if ss is not None else None
+            it = g + s if g is not None and s is not None else None
+            source = "xla_cost_analysis(one-step executables) x steps"
+        scale = lambda f: None if f is None else f * n
+        return {"iteration": scale(it), "generator_phase": scale(g),
+                "student_phase": scale(s), "source": source}
+
+
+# ----------------------------------------------------------------------------- torch side
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_bench_path() -> None:
+    """`bench/` lives at the repository root, next to the (editable) package."""
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(root, "bench")) and root not in sys.path:
+        sys.path.insert(0, root)
+
+
+class TorchRunner:
+    """The PyTorch baseline (`bench.torch_dfkd.TorchDFKD`) behind the same `call` interface."""
+
+    def __init__(self, config, mode: str, seed: int = 0, device: Optional[str] = None,
+                 channels_last: bool = False, log: Callable[[str], None] = print):
+        import torch  # noqa: F401  (lazy: torch is optional)
+        _import_bench_path()
+        from bench import torch_dfkd
+
+        self.mod = torch_dfkd
+        self.bench = torch_dfkd.TorchDFKD(config, device=device, mode=mode, seed=seed,
+                                          channels_last=channels_last)
+        self.mode = mode
+        fns = {"iteration": self.bench.iteration,
+               "generator_phase": self.bench.generator_phase,
+               "student_phase": self.bench.student_phase}
+        self.fns = fns
+        # First calls: for "compile" these trace and compile (recorded as the compile time).
+        self.first_call_s = {}
+        for name in ("generator_phase", "student_phase"):
+            self.first_call_s[name] = self.call(name)
+        log(f"  torch {mode}: first calls (G phase {self.first_call_s['generator_phase']:.1f} s,"
+            f" S phase {self.first_call_s['student_phase']:.1f} s)")
+        self.mod.reset_peak_memory(self.bench.device)
+
+    def call(self, name: str) -> float:
+        start = time.perf_counter()
+        self.fns[name]()
+        self.bench.sync()
+        return time.perf_counter() - start
+
+    def peak_memory(self) -> Optional[int]:
+        return self.mod.peak_memory_bytes(self.bench.device)
+
+    def flops_per_iteration(self) -> Optional[int]:
+        return self.bench.count_flops()
+
+    def device(self) -> str:
+        return self.mod.describe_device(self.bench.device)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def describe_jax_device() -> Dict[str, Any]:
+    d = jax.local_devices()[0]
+    kind = d.device_kind
+    if d.platform == "cpu":
+        kind = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        kind = f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+                        break
+        except OSError:
+            pass
+    return {"platform": d.platform, "device_kind": kind, "num_devices": jax.local_device_count()}
+
+
+def _precision(config, platform_name: str) -> str:
+    if config.mixed_precision:
+        return "bf16"
+    return "tf32" if platform_name == "gpu" else "fp32"
+
+
+def run_benchmark(config, iters: int = 10, warmup: int = 2,
+                  torch_modes: Sequence[str] = ("eager",), phases: bool = True,
+                  torch_channels_last: bool = False, donate: bool = True, seed: int = 0,
+                  log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Builds, compiles and times every variant; returns one flat dict (see module doc)."""
+    dev = describe_jax_device()
+    images_per_iter = (config.g_steps + config.s_steps) * config.batch_size
+    result: Dict[str, Any] = {
+        "device": dev["device_kind"], "platform": dev["platform"],
+        "num_devices": dev["num_devices"],
+        "teacher": config.teacher.arch, "student": config.student.arch,
+        "batch_size": config.batch_size, "g_steps": config.g_steps, "s_steps": config.s_steps,
+        "image_size": config.image_size, "channels": config.channels,
+        "mixed_precision": bool(config.mixed_precision),
+        "iters": iters, "warmup": warmup,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_version": jax.__version__,
+        "load_avg_start": load_average(),
+    }
+    log(f"benchmark: {config.teacher.arch} -> {config.student.arch}, batch {config.batch_size}, "
+        f"G_steps {config.g_steps}, S_steps {config.s_steps} on {dev['device_kind']}")
+
+    jr = JaxRunner(config, phases=phases, donate=donate, seed=seed, log=log)
+    result["jax_unrolled"] = jr.unroll
+    result["jax_has_adapter"] = jr.has_adapter
+    names = ["iteration"] + (["generator_phase", "student_phase"] if phases else [])
+    variants: Dict[str, Callable[[], float]] = {
+        f"jax/{n}": functools.partial(jr.call, n) for n in names}
+
+    torch_runners: Dict[str, TorchRunner] = {}
+    torch_modes = [m for m in torch_modes if m != "none"]
+    if torch_modes and not torch_available():
+        log("  torch is not installed: skipping the PyTorch baseline")
+        result["torch_skipped"] = "torch not installed"
+        torch_modes = []
+    for mode in torch_modes:
+        try:
+            tr = TorchRunner(config, mode, seed=seed, channels_last=torch_channels_last, log=log)
+        except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for torch.compile
+            log(f"  torch {mode} failed to set up: {type(e).__name__}: {e}")
+            result[f"torch_{mode}_error"] = f"{type(e).__name__}: {e}"
+            continue
+        torch_runners[mode] = tr
+        for n in names:
+            variants[f"torch_{mode}/{n}"] = functools.partial(tr.call, n)
+
+    log(f"  timing {len(variants)} variants: {warmup} warm-up + {iters} timed calls each, "
+        "interleaved")
+    timings = time_interleaved(variants, iters, warmup)
+    result["load_avg_end"] = load_average()
+
+    # JAX figures.
+    it_ms = timings["jax/iteration"].median_ms
+    flops = jr.flops_per_iteration()
+    prec = _precision(config, dev["platform"])
+    peak = peak_flops(jax.local_devices()[0].device_kind, prec)
+    result.update({
+        "jax_ms_per_iter": round(it_ms, 3),
+        "jax_images_per_s": round(images_per_iter / (it_ms / 1e3), 2),
+        "jax_iter_timing": timings["jax/iteration"].summary(),
+        "jax_compile_s": round(sum(jr.compile_s.values()), 2),
+        "jax_compile_s_by_executable": {k: round(v, 2) for k, v in jr.compile_s.items()},
+        "jax_flops_per_iter": flops["iteration"],
+        "jax_flops_source": flops["source"],
+        "jax_tflops_per_s": (None if flops["iteration"] is None
+                             else round(flops["iteration"] / (it_ms / 1e3) / 1e12, 4)),
+        "peak_flops_per_device": peak, "peak_precision": prec,
+        "jax_mfu": (None if peak is None or flops["iteration"] is None else
+                    round(flops["iteration"] / (it_ms / 1e3) / (peak * jr.num_devices), 5)),
+        "jax_peak_memory_bytes": device_peak_memory(jax.local_devices()[0]),
+        "jax_xla_memory_iteration": jr.memory["iteration"],
+    })
+    if phases:
+        for ph in ("generator_phase", "student_phase"):
+            ms = timings[f"jax/{ph}"].median_ms
+            result[f"jax_{ph}_ms"] = round(ms, 3)
+            result[f"jax_{ph}_flops"] = flops[ph]
+        result["jax_phases_sum_ms"] = round(result["jax_generator_phase_ms"]
+                                            + result["jax_student_phase_ms"], 3)
+
+    # Torch figures (primary = eager when run, else the first mode).
+    for mode, tr in torch_runners.items():
+        p = "torch" if mode == "eager" else f"torch_{mode}"
+        ms = timings[f"torch_{mode}/iteration"].median_ms
+        result[f"{p}_ms_per_iter"] = round(ms, 3)
+        result[f"{p}_images_per_s"] = round(images_per_iter / (ms / 1e3), 2)
+        result[f"{p}_iter_timing"] = timings[f"torch_{mode}/iteration"].summary()
+        result[f"speedup_vs_{p}"] = round(ms / it_ms, 4)
+        result[f"{p}_peak_memory_bytes"] = tr.peak_memory()
+        result[f"{p}_first_call_s"] = {k: round(v, 2) for k, v in tr.first_call_s.items()}
+        if phases:
+            for ph in ("generator_phase", "student_phase"):
+                result[f"{p}_{ph}_ms"] = round(timings[f"torch_{mode}/{ph}"].median_ms, 3)
+        result["torch_device"] = tr.device()
+    if "eager" in torch_runners:
+        try:
+            result["torch_flops_per_iter_matmul_conv"] = torch_runners["eager"].flops_per_iteration()
+        except Exception as e:  # noqa: BLE001 - a cross-check only
+            log(f"  torch FLOP count failed: {type(e).__name__}: {e}")
+            result["torch_flops_per_iter_matmul_conv"] = None
+        import torch
+        result["torch_version"] = torch.__version__
+        result["torch_threads"] = torch.get_num_threads()
+    result.setdefault("torch_ms_per_iter", None)
+    result.setdefault("speedup_vs_torch", None)
+    result["torch_channels_last"] = bool(torch_channels_last)
+    result["timings"] = {k: v.summary() for k, v in timings.items()}
+    return result
+
+
+def format_summary(r: Dict[str, Any]) -> List[str]:
+    """Human-readable lines for a result of `run_benchmark`."""
+    lines = [f"device: {r['device']} ({r['platform']}, {r['num_devices']} device(s)); "
+             f"load {r['load_avg_start']} -> {r['load_avg_end']}"]
+    for key, t in r["timings"].items():
+        lines.append(f"  {key:32s} median {t['median_ms']:10.1f} ms  "
+                     f"[p25 {t['p25_ms']:.1f}, p75 {t['p75_ms']:.1f}, n {t['n']}]")
+    lines.append(f"  jax: {r['jax_ms_per_iter']:.1f} ms/iter, {r['jax_images_per_s']:.0f} img/s, "
+                 f"compile {r['jax_compile_s']:.1f} s, "
+                 f"{(r['jax_flops_per_iter'] or 0) / 1e9:.1f} GFLOP/iter, "
+                 f"MFU {r['jax_mfu'] if r['jax_mfu'] is not None else 'n/a'}")
+    for p in ("torch", "torch_compile"):
+        if r.get(f"{p}_ms_per_iter") is not None:
+            lines.append(f"  {p}: {r[f'{p}_ms_per_iter']:.1f} ms/iter; jax speed-up "
+                         f"{r[f'speedup_vs_{p}']:.2f}x")
+    return lines
+
+
+def to_json_line(r: Dict[str, Any]) -> str:
+    return json.dumps(r, sort_keys=False, default=lambda o: None)

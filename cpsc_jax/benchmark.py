@@ -146,15 +146,6 @@ def device_peak_memory(device) -> Optional[int]:
 # ----------------------------------------------------------------------------- JAX side
 
 
-def _repeat(step, carry, keys, unroll: bool):
-    """Same structure as the iteration's loop (cpsc_jax.steps): lax.scan or straight-line."""
-    if not unroll:
-        return jax.lax.scan(step, carry, keys)
-    outs = []
-    for i in range(keys.shape[0]):
-        carry, out = step(carry, keys[i])
-        outs.append(out)
-    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
 def make_phase(nets, config, num_devices: int, phase: str, num_steps: int,
@@ -172,7 +163,7 @@ def make_phase(nets, config, num_devices: int, phase: str, num_steps: int,
         key = jax.random.fold_in(state.rng, state.step)
         keys = jax.random.split(jax.random.fold_in(key, salt), num_steps)
         carry = (state.generator, state.student, state.adapter)
-        carry, metrics = _repeat(
+        carry, metrics = steps.repeat_steps(
             functools.partial(step_fn, nets, config, num_devices, teacher_vars, device_index),
             carry, keys, unroll)
         gen, stu, ada = carry
@@ -355,6 +346,7 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
         "mixed_precision": bool(config.mixed_precision),
         "iters": iters, "warmup": warmup,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "jax_version": jax.__version__,
         "load_avg_start": load_average(),
     }

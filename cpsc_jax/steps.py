@@ -211,10 +211,10 @@ def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool 
         g_keys = jax.random.split(jax.random.fold_in(key, 0), config.g_steps)
         s_keys = jax.random.split(jax.random.fold_in(key, 1), config.s_steps)
         carry = (state.generator, state.student, state.adapter)
-        carry, g_metrics = _repeat(
+        carry, g_metrics = repeat_steps(
             functools.partial(generator_step, nets, config, num_devices, teacher_vars, device_index),
             carry, g_keys, unroll)
-        carry, s_metrics = _repeat(
+        carry, s_metrics = repeat_steps(
             functools.partial(student_step, nets, config, num_devices, teacher_vars, device_index),
             carry, s_keys, unroll)
         gen, stu, ada = carry
@@ -241,7 +241,7 @@ def scan_unroll(config) -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _repeat(step, carry, keys, unroll: bool):
+def repeat_steps(step, carry, keys, unroll: bool):
     """lax.scan(step, carry, keys), or the same steps traced one after another."""
     if not unroll:
         return jax.lax.scan(step, carry, keys)

@@ -115,6 +115,8 @@ class TorchDFKD:
         self.g_steps, self.s_steps = c.g_steps, c.s_steps
         self.w = c.loss
         self.amp = self.device.type == "cuda"
+        if self.amp:
+            torch.backends.cudnn.benchmark = True
         mf = torch.channels_last if channels_last else torch.contiguous_format
 
         self.G = GeneratorD(self.k, self.size, self.ch, self.nz, c.generator.ngf,
@@ -167,7 +169,8 @@ class TorchDFKD:
 
     def _new_adam(self):
         return torch.optim.Adam(self.G.parameters(), self.c.lr_generator,
-                                betas=(self.c.adam_b1, self.c.adam_b2))
+                                betas=(self.c.adam_b1, self.c.adam_b2),
+                                eps=_cfg(self.c, "adam_eps", 1e-8))
 
     def _autocast(self):
         if self.amp:

@@ -41,9 +41,11 @@ PEAK_FLOPS: Dict[str, Dict[str, float]] = {
     "A100": {"bf16": 312.0e12, "fp16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
 }
 
-# XLA:CPU flags found to speed this workload up on x86 (see the README's Benchmark section):
-# convolutions routed to YNNPACK by default are several times slower than XLA's own (Eigen)
-# convolutions for the weight-gradient convolutions of the backward pass.
+# XLA:CPU flags found to speed this workload up (jaxlib 0.10.2, x86 AVX-512; see the README's
+# Benchmark section). By default XLA:CPU hands each convolution to YNNPACK, whose weight-gradient
+# convolutions are 3-6x slower than XLA's own (Eigen) ones: one 3x3 128->128 conv on 256x16x16,
+# dW 729 -> 182 ms, forward 170 -> 141 ms. Opt-in only: XLA aborts on flags it does not know, so
+# a jaxlib without this flag (e.g. another machine's) would not start with it.
 CPU_TUNED_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
@@ -191,9 +193,12 @@ class JaxRunner:
         teacher_spec = ModelSpec(config.teacher.arch, config.num_classes, config.image_size, c,
                                  (0.0,) * c, (1.0,) * c)
         k_state, k_teacher = jax.random.split(jax.random.PRNGKey(seed))
-        # Replicated like the iteration's outputs, or the second call would recompile.
-        self.state = steps.replicate(steps.init_state(nets, config, k_state), n)
-        self.teacher_vars = steps.replicate(init_variables(teacher_spec, k_teacher), n)
+        # Initialised under jit (one compilation instead of one per initialiser op), then
+        # replicated like the iteration's outputs, or the second call would recompile.
+        state = jax.jit(functools.partial(steps.init_state, nets, config))(k_state)
+        teacher_vars = jax.jit(functools.partial(init_variables, teacher_spec))(k_teacher)
+        self.state = steps.replicate(state, n)
+        self.teacher_vars = steps.replicate(teacher_vars, n)
         self.ids = steps.device_ids(n)
         self.has_adapter = nets.adapter is not None
 
@@ -344,6 +349,7 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
         "batch_size": config.batch_size, "g_steps": config.g_steps, "s_steps": config.s_steps,
         "image_size": config.image_size, "channels": config.channels,
         "mixed_precision": bool(config.mixed_precision),
+        "images_per_iter": images_per_iter,
         "iters": iters, "warmup": warmup,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
@@ -391,7 +397,7 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
         "jax_ms_per_iter": round(it_ms, 3),
         "jax_images_per_s": round(images_per_iter / (it_ms / 1e3), 2),
         "jax_iter_timing": timings["jax/iteration"].summary(),
-        "jax_compile_s": round(sum(jr.compile_s.values()), 2),
+        "jax_compile_s": round(jr.compile_s["iteration"], 2),
         "jax_compile_s_by_executable": {k: round(v, 2) for k, v in jr.compile_s.items()},
         "jax_flops_per_iter": flops["iteration"],
         "jax_flops_source": flops["source"],
@@ -421,6 +427,11 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
         result[f"speedup_vs_{p}"] = round(ms / it_ms, 4)
         result[f"{p}_peak_memory_bytes"] = tr.peak_memory()
         result[f"{p}_first_call_s"] = {k: round(v, 2) for k, v in tr.first_call_s.items()}
+        if mode == "compile":   # the first calls trace and compile both loss graphs
+            result["torch_compile_compile_s"] = round(sum(tr.first_call_s.values()), 2)
+        # MFU of the same work (XLA's FLOP count of the identical iteration).
+        if flops["iteration"] is not None:
+            result[f"{p}_tflops_per_s"] = round(flops["iteration"] / (ms / 1e3) / 1e12, 4)
         if phases:
             for ph in ("generator_phase", "student_phase"):
                 result[f"{p}_{ph}_ms"] = round(timings[f"torch_{mode}/{ph}"].median_ms, 3)

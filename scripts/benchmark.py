@@ -36,6 +36,12 @@ flags.DEFINE_bool("torch_channels_last", False,
 flags.DEFINE_bool("xla_cpu_tuned", False,
                   "Append the XLA:CPU flags found faster for this workload "
                   "(cpsc_jax.benchmark.CPU_TUNED_XLA_FLAGS) to XLA_FLAGS.")
+flags.DEFINE_enum("omp_wait_policy", "default", ["default", "passive"],
+                  "OpenMP wait policy of PyTorch's CPU threads. 'default': the library's own "
+                  "(threads spin a while before sleeping; fastest on an idle machine). 'passive': "
+                  "sets OMP_WAIT_POLICY=PASSIVE (unless already set): idle threads sleep, which "
+                  "avoids collapses on a CPU shared with other busy processes but costs PyTorch "
+                  "~20-30% on a quiet one.")
 flags.DEFINE_string("output", None, "Also write the JSON result to this file.")
 flags.DEFINE_integer("seed", 0, "Seed of the random networks.")
 flags.mark_flags_as_required(["config"])
@@ -48,6 +54,8 @@ def main(argv):
     if FLAGS.xla_cpu_tuned:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                                    + bm.CPU_TUNED_XLA_FLAGS).strip()
+    if FLAGS.omp_wait_policy == "passive":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads OpenMP
     modes = {"both": ["eager", "compile"], "none": []}.get(FLAGS.torch, [FLAGS.torch])
     log = lambda msg: print(msg, flush=True)
     result = bm.run_benchmark(FLAGS.config, iters=FLAGS.iters, warmup=FLAGS.warmup,

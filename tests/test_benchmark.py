@@ -1,0 +1,123 @@
+"""The benchmark harness (cpsc_jax/benchmark.py, scripts/benchmark.py) and its PyTorch baseline
+(bench/). Fast: one tiny iteration of each framework."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpsc_jax import benchmark as bm
+from cpsc_jax import losses
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # bench/ and configs/ live at the repository root
+TINY = ["--config", str(REPO / "configs" / "mnist.py"), "--config.batch_size=8",
+        "--config.g_steps=1", "--config.s_steps=1", "--config.generator.ngf=8",
+        "--iters=2", "--warmup=1", "--nophases"]
+
+
+def test_peak_flops_table():
+    assert bm.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert bm.peak_flops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.5e12)
+    assert bm.peak_flops("NVIDIA H200", "tf32") == pytest.approx(494.7e12)
+    assert bm.peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == pytest.approx(19.5e12)
+    assert bm.peak_flops("cpu", "fp32") is None
+
+
+def test_timing_and_interleaving():
+    order = []
+    t = bm.time_interleaved({"a": lambda: order.append("a") or 0.002,
+                             "b": lambda: order.append("b") or 0.004}, iters=3, warmup=1)
+    assert order == ["a", "b"] * 4               # warm-up round, then 3 timed rounds
+    assert t["a"].median_ms == pytest.approx(2.0) and t["b"].summary()["n"] == 3
+
+
+def test_xla_flops_of_a_matmul():
+    a = jnp.ones((64, 32))
+    b = jnp.ones((32, 16))
+    compiled = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+    assert bm.xla_flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.05)
+
+
+def _tail_json(stdout: str):
+    last = stdout.strip().splitlines()[-1]
+    return json.loads(last)
+
+
+def test_script_tiny_run_prints_json():
+    torch_mode = "eager" if bm.torch_available() else "none"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), *TINY,
+                          f"--torch={torch_mode}"], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = _tail_json(out.stdout)
+    for key in ("jax_ms_per_iter", "torch_ms_per_iter", "speedup_vs_torch", "device",
+                "jax_images_per_s", "jax_compile_s", "jax_flops_per_iter", "jax_mfu",
+                "jax_peak_memory_bytes"):
+        assert key in r, key
+    assert r["jax_ms_per_iter"] > 0 and r["jax_flops_per_iter"] > 0
+    assert r["images_per_iter"] == 16
+    if r["platform"] == "cpu":
+        assert r["jax_mfu"] is None              # no known peak for CPUs
+    if torch_mode == "eager":
+        assert r["torch_ms_per_iter"] > 0
+        assert r["speedup_vs_torch"] == pytest.approx(
+            r["torch_ms_per_iter"] / r["jax_ms_per_iter"], rel=1e-3)
+        # Same networks and shapes: the conv/matmul FLOPs torch counts match XLA's count.
+        assert r["torch_flops_per_iter_matmul_conv"] == pytest.approx(r["jax_flops_per_iter"],
+                                                                      rel=0.15)
+
+
+# ----------------------------------------------------------------------------- torch baseline
+
+needs_torch = pytest.mark.skipif(not bm.torch_available(), reason="PyTorch is not installed")
+
+
+@needs_torch
+def test_torch_losses_match_jax():
+    import torch
+    from bench import torch_dfkd as td
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(12, 10)).astype(np.float32)
+    t = rng.normal(size=(12, 10)).astype(np.float32)
+    y = rng.integers(0, 10, size=12)
+    f = rng.normal(size=(24, 16)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    ts, tt, ty, tf = map(torch.from_numpy, (s, t, y, f))
+    close = lambda a, b: np.testing.assert_allclose(float(a), float(b), rtol=1e-4, atol=1e-5)
+    close(td.kd_loss(ts, tt), losses.kd_loss(s, t))
+    for form in ("log", "mse"):
+        close(td.ikd_generator_loss(ts, tt, form), losses.ikd_generator_loss(s, t, form))
+        close(td.ikd_student_loss(ts, tt, form), losses.ikd_student_loss(s, t, form))
+    for form in ("double_softmax", "plain"):
+        close(td.cross_entropy(ts, ty, form), losses.cross_entropy_loss(s, y, form))
+    labels = np.concatenate([y, y])
+    close(td.supcon_loss(tf, torch.from_numpy(labels)), losses.supcon_loss(f, labels))
+
+
+@needs_torch
+def test_torch_iteration_runs_and_matches_shapes():
+    import torch
+    from bench import torch_models as tm
+    from bench.torch_dfkd import TorchDFKD
+    from configs import cifar10
+    c = cifar10.get_config()
+    c.teacher.arch, c.student.arch = "resnet20", "wrn_16_1"
+    c.batch_size, c.g_steps, c.s_steps = 4, 1, 1
+    c.generator.ngf = 8
+    b = TorchDFKD(c, device="cpu")
+    g_loss, s_loss = b.iteration()
+    assert torch.isfinite(g_loss) and torch.isfinite(s_loss)
+    assert len(b.hooks) == 19                    # every BN of the ResNet-20 teacher
+    x = b.G(torch.randn(2, c.generator.nz), torch.tensor([0, 1]))
+    assert x.shape == (2, 3, 32, 32)
+    for arch, dim in (("resnet18", 512), ("resnet20", 64), ("wrn_16_2", 128),
+                      ("lenet5_half", 60)):
+        ch = 1 if arch.startswith("lenet") else 3
+        assert tm.feature_dim(tm.get_model(arch, 10, ch), 32, ch) == dim

@@ -1,67 +1,23 @@
-"""SVHN (cropped digits, 32x32): ResNet-34 teacher -> ResNet-18 student.
-
-Weights and schedule are those of the released command (spec section 5: alpha 5, beta 1,
-gamma 0.7, eta 0.7; batch 512, 600 epochs of 50 iterations, G_steps 6, S_steps 5). The released
-code uses the MSE form of the logit distance for every dataset but CIFAR-10, hence ikd_form="mse".
-The teacher is trained beforehand (train_if_missing=False):
+"""SVHN (cropped digits, 32x32): ResNet-34 teacher -> ResNet-18 student, the released command
+(spec section 5) with MSE-form IKD (released for every dataset but CIFAR-10). The teacher is
+trained beforehand:
 
     python scripts/train_teacher.py --config configs/teachers/svhn_resnet34.py \
         --config.data.dir=/path/to/svhn --workdir workdirs/svhn
+    python scripts/train.py --config configs/svhn.py --workdir workdirs/svhn \
+        --config.data.dir=/path/to/svhn
 
 data.dir: a folder with train_32x32.mat / test_32x32.mat; empty reads TFDS svhn_cropped.
 """
-import ml_collections
-
+from cpsc_jax.config_defaults import distillation_config
 from cpsc_jax.data import NORMALIZATION
 from cpsc_jax.teacher_training import default_teacher_config
 
 
 def get_config():
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.data = ml_collections.ConfigDict(dict(name="svhn", dir="", protocol="standard",
-                                            extra_eval="", tfds_dir=""))
-    c.num_classes = 10
-    c.image_size = 32
-    c.channels = 3
-
-    c.teacher = ml_collections.ConfigDict()
-    c.teacher.arch = "resnet34"
-    c.teacher.checkpoint = ""          # empty: WORKDIR/teacher
-    c.teacher.train_if_missing = False
+    c = distillation_config("svhn", teacher="resnet34", student="resnet18")
     c.teacher.training = default_teacher_config(
         arch="resnet34", mean=NORMALIZATION["svhn"][0], std=NORMALIZATION["svhn"][1],
         batch_size=128, epochs=50, lr=0.1, crop_padding=4, flip=False)
     c.teacher.training.data = c.data
-
-    c.student = ml_collections.ConfigDict(dict(arch="resnet18"))
-    c.generator = ml_collections.ConfigDict(dict(nz=256, ngf=64, num_upsamples=2))
-
-    c.batch_size = 512
-    c.epochs = 600
-    c.epoch_itrs = 50
-    c.g_steps = 6
-    c.s_steps = 5
-
-    c.lr_student = 0.1
-    c.momentum = 0.9
-    c.weight_decay = 5e-4
-    c.warmup_epochs = 10
-    c.lr_generator = 1e-3
-    c.adam_b1 = 0.5
-    c.adam_b2 = 0.999
-    c.adam_eps = 1e-8
-    c.generator_optimizer = "reset"     # released: a new Adam every step; or "persistent"
-    c.generator_schedule = "constant"   # for "persistent" only: "constant" or "cosine"
-
-    c.loss = ml_collections.ConfigDict(dict(
-        kd=1.0, alpha=5.0, beta=1.0, gamma=0.7, eta=0.7,
-        ikd_form="mse",                # released: "log" for CIFAR-10 only, "mse" otherwise
-        ce_form="double_softmax",      # released (softmax fed to CE) or "plain"
-        temperature=0.07, base_temperature=0.07))
-
-    c.mixed_precision = False
-    c.eval_batch_size = 500
-    c.log_every = 25
-    c.sample_columns = 8
     return c

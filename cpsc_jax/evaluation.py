@@ -1,37 +1,85 @@
-"""Accuracy of a classifier on a real split, normalised with the classifier's own mean/std."""
+"""Accuracy of a classifier on real labelled images, normalised with the classifier's own mean/std.
+
+Images stay uint8 on the host and are normalised on the device; the last partial batch is padded,
+so every batch has one shape and the predictor compiles once.
+"""
 import functools
+import os
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpsc_jax.data import Split, normalize
+from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax import data as data_lib
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _predict(model, variables, x):
+def _predict_batch(model, variables, images, mean, std):
+    x = (images.astype(jnp.float32) / 255.0 - mean) / std
     return jnp.argmax(model.apply(variables, x, train=False), -1)
 
 
-def predict_labels(model, variables, split: Split, mean, std, batch_size: int = 500) -> np.ndarray:
-    """Predicted labels; the last partial batch is padded so every batch has one shape (one compile)."""
-    preds = []
-    for i in range(0, len(split), batch_size):
-        x = normalize(split.images[i:i + batch_size], mean, std)
-        n = len(x)
-        if n < batch_size and len(split) > batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
-        preds.append(np.asarray(_predict(model, variables, x))[:n])
-    return np.concatenate(preds)
+def predict_labels(model, variables, images: np.ndarray, mean, std,
+                   batch_size: int = 500) -> np.ndarray:
+    """Predicted classes (int32) for uint8 NHWC images."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    n = len(images)
+    bs = max(1, min(batch_size, n))
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    out = []
+    for i in range(0, n, bs):
+        x = images[i:i + bs]
+        if len(x) < bs:
+            x = np.concatenate([x, np.zeros((bs - len(x),) + x.shape[1:], x.dtype)])
+        out.append(_predict_batch(model, variables, x, mean, std))
+    preds = np.concatenate([np.asarray(p) for p in out]) if out else np.zeros((0,), np.int32)
+    return preds[:n].astype(np.int32)
 
 
-def accuracy(model, variables, split: Split, mean, std, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent."""
-    return float(100.0 * np.mean(predict_labels(model, variables, split, mean, std, batch_size)
-                                 == split.labels))
+def accuracy(model, variables, split: data_lib.Split, mean, std, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent (nan for an empty split)."""
+    if len(split) == 0:
+        return float("nan")
+    preds = predict_labels(model, variables, split.images, mean, std, batch_size)
+    return 100.0 * float(np.mean(preds == split.labels))
 
 
-def per_class_accuracy(model, variables, split: Split, mean, std, batch_size: int = 500):
-    preds = predict_labels(model, variables, split, mean, std, batch_size)
-    return {int(k): float(100.0 * np.mean(preds[split.labels == k] == k))
-            for k in np.unique(split.labels)}
+def accuracy_report(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> Dict[str, Any]:
+    """Overall and per-class accuracy (%), with the count of each class."""
+    per_class, counts = [], []
+    for k in range(num_classes):
+        m = labels == k
+        counts.append(int(m.sum()))
+        per_class.append(round(100.0 * float(np.mean(preds[m] == k)), 4) if m.any() else None)
+    return {"accuracy": 100.0 * float(np.mean(preds == labels)) if len(labels) else float("nan"),
+            "num_examples": int(len(labels)), "per_class_accuracy": per_class,
+            "per_class_count": counts}
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test",
+                        dataset: Optional[str] = None, protocol: str = "standard",
+                        tfds_dir: str = "", batch_size: int = 500) -> Dict[str, Any]:
+    """Accuracy of a model checkpoint on a labelled set given by location (see
+    `data.load_path`), resized to the checkpoint's image size when the set's differs (e.g.
+    28x28 MNIST for a 32x32 LeNet)."""
+    spec, variables = ckpt_lib.load_model(checkpoint)
+    s = data_lib.load_path(data, split=split, dataset=dataset, protocol=protocol,
+                           tfds_dir=tfds_dir, num_classes=spec.num_classes)
+    resized_from = None
+    if s.images.shape[1:3] != (spec.image_size, spec.image_size):
+        resized_from = list(s.images.shape[1:3])
+        s = data_lib.Split(data_lib.resize_uint8(s.images, spec.image_size), s.labels,
+                           s.num_classes, s.name)
+    if s.images.shape[-1] != spec.channels:
+        raise data_lib.DataError(f"{data}: images have {s.images.shape[-1]} channels; the "
+                                 f"checkpoint's {spec.arch} expects {spec.channels}")
+    preds = predict_labels(spec.build(), variables, s.images, spec.mean, spec.std, batch_size)
+    report = accuracy_report(preds, s.labels, spec.num_classes)
+    return {"checkpoint": os.path.abspath(checkpoint), "data": data, "set": s.name,
+            "arch": spec.arch, "image_size": spec.image_size, "resized_from": resized_from,
+            **report}

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cpsc_jax import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
+from cpsc_jax.evaluation import accuracy
 from cpsc_jax.models import get_model
 from cpsc_jax.train_state import TrainState
 
@@ -94,79 +95,6 @@ def random_crop_flip(rng, x, padding: int, flip: bool):
         mask = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
         x = jnp.where(mask, x[:, :, ::-1, :], x)
     return x
-
-
-# --- Evaluation --------------------------------------------------------------------------------
-
-@functools.partial(jax.jit, static_argnums=0)
-def _predict_batch(model, variables, images, mean, std):
-    x = (images.astype(jnp.float32) / 255.0 - mean) / std
-    logits = model.apply(variables, x, train=False)
-    return jnp.argmax(logits, -1)
-
-
-def predict_classifier(model, variables, images: np.ndarray, mean, std,
-                       batch_size: int = 500) -> np.ndarray:
-    """Predicted classes for uint8 NHWC images (normalised on device; one compiled shape)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images, got {images.dtype}")
-    n = len(images)
-    bs = max(1, min(batch_size, n))
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    out = []
-    for i in range(0, n, bs):
-        x = images[i:i + bs]
-        if len(x) < bs:  # pad the tail so every call has one shape
-            x = np.concatenate([x, np.zeros((bs - len(x),) + x.shape[1:], x.dtype)])
-        out.append(_predict_batch(model, variables, x, mean, std))
-    preds = np.concatenate([np.asarray(p) for p in out]) if out else np.zeros((0,), np.int32)
-    return preds[:n].astype(np.int32)
-
-
-def evaluate_classifier(model, variables, split, mean, std, batch_size: int = 500) -> float:
-    """Top-1 accuracy (%) of a classifier on a Split, normalising with (mean, std)."""
-    if len(split) == 0:
-        return float("nan")
-    preds = predict_classifier(model, variables, split.images, mean, std, batch_size)
-    return 100.0 * float(np.mean(preds == split.labels))
-
-
-def accuracy_report(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> Dict[str, Any]:
-    """Overall and per-class accuracy (%), with the count of each class."""
-    per_class, counts = [], []
-    for k in range(num_classes):
-        m = labels == k
-        counts.append(int(m.sum()))
-        per_class.append(round(100.0 * float(np.mean(preds[m] == k)), 4) if m.any() else None)
-    return {"accuracy": 100.0 * float(np.mean(preds == labels)) if len(labels) else float("nan"),
-            "num_examples": int(len(labels)), "per_class_accuracy": per_class,
-            "per_class_count": counts}
-
-
-def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test",
-                        dataset: Optional[str] = None, protocol: str = "standard",
-                        tfds_dir: str = "", batch_size: int = 500) -> Dict[str, Any]:
-    """Accuracy of a model checkpoint on a labelled set given by location (see
-    `data.load_path`), normalised with the checkpoint's own mean/std and resized to its
-    image size when the set's differs (e.g. 28x28 MNIST for a 32x32 LeNet)."""
-    spec, variables = ckpt_lib.load_model(checkpoint)
-    s = data_lib.load_path(data, split=split, dataset=dataset, protocol=protocol,
-                           tfds_dir=tfds_dir, num_classes=spec.num_classes)
-    resized_from = None
-    if s.images.shape[1:3] != (spec.image_size, spec.image_size):
-        resized_from = list(s.images.shape[1:3])
-        s = data_lib.Split(data_lib.resize_uint8(s.images, spec.image_size), s.labels,
-                           s.num_classes, s.name)
-    if s.images.shape[-1] != spec.channels:
-        raise data_lib.DataError(f"{data}: images have {s.images.shape[-1]} channels; the "
-                                 f"checkpoint's {spec.arch} expects {spec.channels}")
-    preds = predict_classifier(spec.build(), variables, s.images, spec.mean, spec.std, batch_size)
-    report = accuracy_report(preds, s.labels, spec.num_classes)
-    return {"checkpoint": os.path.abspath(checkpoint), "data": data, "set": s.name,
-            "arch": spec.arch, "image_size": spec.image_size, "resized_from": resized_from,
-            **report}
 
 
 # --- Training ----------------------------------------------------------------------------------
@@ -483,7 +411,7 @@ def train_teacher(config, workdir: str, log: Callable[[str], None] = print) -> s
                   "train_accuracy": 100.0 * correct / max(count, 1)}
         if epoch % eval_every == 0 or epoch == epochs:
             variables = {"params": state.params, "batch_stats": state.batch_stats}
-            accs = {k_: evaluate_classifier(eval_model, variables, s, mean, std, eval_bs)
+            accs = {k_: accuracy(eval_model, variables, s, mean, std, eval_bs)
                     for k_, s in evals.items()}
             record.update({f"{k_}_accuracy": v for k_, v in accs.items()})
         elapsed = prior_elapsed + time.time() - run_start
@@ -511,7 +439,7 @@ def train_teacher(config, workdir: str, log: Callable[[str], None] = print) -> s
 
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     if not accs:  # resumed a finished run whose model checkpoint was not written
-        accs = {k_: evaluate_classifier(eval_model, variables, s, mean, std, eval_bs)
+        accs = {k_: accuracy(eval_model, variables, s, mean, std, eval_bs)
                 for k_, s in evals.items()}
     extra = {"trained_on": name, "train_images": len(train), "epochs": epochs,
              "accuracy": {evals[k_].name: round(v, 4) for k_, v in accs.items()}}

@@ -49,6 +49,10 @@ def _all_finite(tree) -> bool:
                     if np.issubdtype(np.asarray(x).dtype, np.floating)))
 
 
+def _format_accuracies(accs, eval_sets) -> str:
+    return ", ".join(f"{accs[k]:.2f}% on {s.name} ({len(s)})" for k, s in eval_sets.items())
+
+
 def _format_metrics(m) -> str:
     g = m.get("generator/loss", float("nan"))
     s = m.get("student/loss", float("nan"))
@@ -94,10 +98,16 @@ def train_and_evaluate(config, workdir: str, log: Callable = print,
     spec, teacher_vars = ckpt_lib.load_model(teacher_path)
     validate_teacher(config, spec)
     mean, std = spec.mean, spec.std   # the normalisation the teacher was trained with
-    test_split = data_lib.load_split(config.data, "test")
-    teacher_acc = accuracy(spec.build(), teacher_vars, test_split, mean, std, config.eval_batch_size)
-    log(f"teacher {spec.arch} ({teacher_path}): {teacher_acc:.2f}% on {test_split.name} "
-        f"({len(test_split)} images)")
+    eval_sets = data_lib.eval_splits(config.data)   # "test", and "extra" when data.extra_eval is set
+    protocol = data_lib.protocol_label(config.data)
+
+    def evaluate(model, variables):
+        return {k: accuracy(model, variables, s, mean, std, config.eval_batch_size)
+                for k, s in eval_sets.items()}
+
+    teacher_accs = evaluate(spec.build(), teacher_vars)
+    log(f"teacher {spec.arch} ({teacher_path}), protocol {protocol}: "
+        + _format_accuracies(teacher_accs, eval_sets))
 
     nets = steps.build_networks(config, spec.arch)
     iteration = steps.make_train_iteration(nets, config, num_devices)
@@ -107,10 +117,13 @@ def train_and_evaluate(config, workdir: str, log: Callable = print,
     state = steps.init_state(nets, config, jax.random.PRNGKey(config.seed))
     checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, "checkpoints"))
     latest = checkpointer.latest_step()
-    meta = {"best_student_accuracy": None, "best_epoch": None, "history": []}
+    meta = {"best_student_accuracy": None, "best_epoch": None, "best_accuracies": {},
+            "elapsed_s": 0.0, "history": []}
     if latest is not None:
-        state, meta = checkpointer.restore(latest, jax.eval_shape(lambda: state))
+        state, restored = checkpointer.restore(latest, jax.eval_shape(lambda: state))
+        meta.update(restored)
         log(f"resuming from iteration {latest} ({workdir}/checkpoints)")
+    prior_elapsed = float(meta["elapsed_s"])   # wall time of earlier invocations of this run
     state = steps.replicate(state, num_devices)
     teacher_vars = steps.replicate(teacher_vars, num_devices)
     ids = steps.device_ids(num_devices)
@@ -152,18 +165,25 @@ def train_and_evaluate(config, workdir: str, log: Callable = print,
                     f"non-finite parameters at iteration {step}; the last good checkpoint "
                     f"(iteration {checkpointer.latest_step()}) is intact")
             student_vars = {"params": state.student.params, "batch_stats": state.student.batch_stats}
-            acc = accuracy(student_eval, student_vars, test_split, mean, std, config.eval_batch_size)
+            accs = evaluate(student_eval, student_vars)
+            acc = accs["test"]
             if meta["best_student_accuracy"] is None or acc > meta["best_student_accuracy"]:
                 meta["best_student_accuracy"], meta["best_epoch"] = acc, epoch
-            meta["history"].append({"epoch": epoch, "step": step, "student_accuracy": acc})
+            meta["best_accuracies"] = {k: max(v, meta["best_accuracies"].get(k, v))
+                                       for k, v in accs.items()}
+            meta["elapsed_s"] = prior_elapsed + time.time() - t_start
+            meta["history"].append({"epoch": epoch, "step": step, "student_accuracy": acc,
+                                    "accuracies": accs, "elapsed_s": round(meta["elapsed_s"], 1)})
             save_samples(os.path.join(workdir, "samples", f"epoch_{epoch:04d}.png"), sample, state,
                          config, mean, std)
             checkpointer.save(step, state, meta)
             writer.write(step, {"epoch": epoch, "student_accuracy": acc,
-                                "best_student_accuracy": meta["best_student_accuracy"]})
-            log(f"epoch {epoch}/{config.epochs}: student {acc:.2f}% "
-                f"(best {meta['best_student_accuracy']:.2f}% at epoch {meta['best_epoch']}), "
-                f"teacher {teacher_acc:.2f}%")
+                                "best_student_accuracy": meta["best_student_accuracy"],
+                                **{f"student_accuracy/{k}": v for k, v in accs.items()},
+                                "elapsed_s": meta["elapsed_s"]})
+            log(f"epoch {epoch}/{config.epochs}: student " + _format_accuracies(accs, eval_sets)
+                + f" (best {meta['best_student_accuracy']:.2f}% at epoch {meta['best_epoch']}), "
+                f"teacher {teacher_accs['test']:.2f}%")
             epochs_run += 1
             if stop_after_epochs is not None and epochs_run >= stop_after_epochs and step < total:
                 log(f"stopping after {epochs_run} epoch(s) as asked; re-run to resume")
@@ -177,22 +197,29 @@ def train_and_evaluate(config, workdir: str, log: Callable = print,
     student_path = os.path.join(workdir, "student")
     ckpt_lib.save_model(student_path, student_spec,
                         {"params": state.student.params, "batch_stats": state.student.batch_stats})
-    final = meta["history"][-1]["student_accuracy"] if meta["history"] else None
+    final = meta["history"][-1]["accuracies"] if meta["history"] else {}
+    elapsed = prior_elapsed + time.time() - t_start
     results = {
-        "teacher_accuracy": teacher_acc,
-        "student_accuracy": final,
+        "protocol": protocol,
+        "eval_sets": {k: {"name": s.name, "num_examples": len(s)} for k, s in eval_sets.items()},
+        "teacher_accuracy": teacher_accs["test"],
+        "student_accuracy": final.get("test"),
         "best_student_accuracy": meta["best_student_accuracy"],
         "best_epoch": meta["best_epoch"],
-        "eval_split": test_split.name,
-        "num_eval_examples": len(test_split),
+        "teacher_accuracies": teacher_accs,
+        "student_accuracies": final,
+        "best_student_accuracies": meta["best_accuracies"],
+        "student_teacher_ratio": (final["test"] / teacher_accs["test"]
+                                  if final and teacher_accs["test"] else None),
         "iterations": total,
         "teacher_checkpoint": teacher_path,
         "student_checkpoint": student_path,
-        "wall_time_s_this_invocation": round(time.time() - t_start, 1),
+        "elapsed_s": round(elapsed, 1),
         "history": meta["history"],
     }
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    log(f"done in {format_duration(time.time() - t_start)}: student {final:.2f}% final, "
-        f"{meta['best_student_accuracy']:.2f}% best; teacher {teacher_acc:.2f}% -> {workdir}/results.json")
+    log(f"done in {format_duration(elapsed)}: student {results['student_accuracy']:.2f}% final, "
+        f"{meta['best_student_accuracy']:.2f}% best; teacher {teacher_accs['test']:.2f}% "
+        f"({protocol}) -> {workdir}/results.json")
     return results

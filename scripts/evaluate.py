@@ -24,7 +24,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cpsc_jax.data import DataError, available_datasets
-from cpsc_jax.teacher_training import evaluate_checkpoint
+from cpsc_jax.evaluation import evaluate_checkpoint
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ import pytest
 
 from cpsc_jax import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
+from cpsc_jax import evaluation as ev
 from cpsc_jax import teacher_training as tt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def rgb_checkpoint(tmp_path_factory):
 
 
 def test_accuracy_report():
-    r = tt.accuracy_report(np.array([0, 1, 1, 2, 0]), np.array([0, 1, 2, 2, 1]), 4)
+    r = ev.accuracy_report(np.array([0, 1, 1, 2, 0]), np.array([0, 1, 2, 2, 1]), 4)
     assert r["accuracy"] == pytest.approx(60.0) and r["num_examples"] == 5
     assert r["per_class_accuracy"] == [100.0, 50.0, 50.0, None]
     assert r["per_class_count"] == [1, 2, 2, 0]
@@ -44,7 +45,7 @@ def test_accuracy_report():
 def test_predict_pads_the_tail_and_normalises_like_host(grey_checkpoint):
     spec, variables = ckpt_lib.load_model(grey_checkpoint)
     x = np.random.RandomState(0).randint(0, 256, (7, 32, 32, 1)).astype(np.uint8)
-    preds = tt.predict_classifier(spec.build(), variables, x, spec.mean, spec.std, batch_size=3)
+    preds = ev.predict_labels(spec.build(), variables, x, spec.mean, spec.std, batch_size=3)
     logits = spec.build().apply(variables, data_lib.normalize(x, spec.mean, spec.std), train=False)
     np.testing.assert_array_equal(preds, np.argmax(np.asarray(logits), -1))
 
@@ -54,13 +55,13 @@ def test_evaluate_resizes_mnist_like_npz(grey_checkpoint, tmp_path):
     x28 = rng.randint(0, 256, (9, 28, 28)).astype(np.uint8)
     y = rng.randint(0, 10, 9)
     np.savez(tmp_path / "m.npz", data=x28, labels=y)
-    report = tt.evaluate_checkpoint(grey_checkpoint, str(tmp_path / "m.npz"), batch_size=4)
+    report = ev.evaluate_checkpoint(grey_checkpoint, str(tmp_path / "m.npz"), batch_size=4)
     assert report["resized_from"] == [28, 28] and report["num_examples"] == 9
     spec, variables = ckpt_lib.load_model(grey_checkpoint)
-    preds = tt.predict_classifier(spec.build(), variables,
+    preds = ev.predict_labels(spec.build(), variables,
                                   data_lib.resize_uint8(x28[..., None], 32), spec.mean, spec.std)
     assert report["accuracy"] == pytest.approx(100.0 * np.mean(preds == y))
-    assert report == {**report, **tt.accuracy_report(preds, y, 10)}
+    assert report == {**report, **ev.accuracy_report(preds, y, 10)}
 
 
 def test_evaluate_cifar_folder_holdout_and_single_batch(rgb_checkpoint, tmp_path):
@@ -71,18 +72,18 @@ def test_evaluate_cifar_folder_holdout_and_single_batch(rgb_checkpoint, tmp_path
         x = rng.randint(0, 256, (3 + i, 3072)).astype(np.uint8)
         with open(folder / f"data_batch_{i}", "wb") as f:
             pickle.dump({b"data": x, b"labels": list(range(3 + i))}, f)
-    r = tt.evaluate_checkpoint(rgb_checkpoint, str(tmp_path), protocol="holdout")
+    r = ev.evaluate_checkpoint(rgb_checkpoint, str(tmp_path), protocol="holdout")
     assert r["num_examples"] == 8 and r["set"].startswith("cifar10-holdout")
-    r2 = tt.evaluate_checkpoint(rgb_checkpoint, str(folder / "data_batch_5"))
+    r2 = ev.evaluate_checkpoint(rgb_checkpoint, str(folder / "data_batch_5"))
     assert r2["accuracy"] == r["accuracy"] and r2["per_class_count"] == r["per_class_count"]
     with pytest.raises(data_lib.DataError, match="holdout"):
-        tt.evaluate_checkpoint(rgb_checkpoint, str(tmp_path))
+        ev.evaluate_checkpoint(rgb_checkpoint, str(tmp_path))
 
 
 def test_evaluate_rejects_channel_mismatch(grey_checkpoint, tmp_path):
     np.savez(tmp_path / "rgb.npz", data=np.zeros((2, 32, 32, 3), np.uint8), labels=[0, 1])
     with pytest.raises(data_lib.DataError, match="channels"):
-        tt.evaluate_checkpoint(grey_checkpoint, str(tmp_path / "rgb.npz"))
+        ev.evaluate_checkpoint(grey_checkpoint, str(tmp_path / "rgb.npz"))
 
 
 def test_evaluate_script_last_line_is_json(grey_checkpoint, tmp_path):

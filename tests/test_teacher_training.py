@@ -16,6 +16,7 @@ import pytest
 from cpsc_jax import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
 from cpsc_jax import teacher_training as tt
+from cpsc_jax.evaluation import accuracy
 from cpsc_jax.train_state import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +138,7 @@ def test_train_teacher_writes_checkpoint_metrics_and_resumes(tmp_path):
         assert key in records[-1]
     assert records[-1]["lr"] == 0.0 and records[0]["lr"] > records[1]["lr"]  # cosine to 0
     test = data_lib.load_split({"name": "digits"}, "test")
-    acc = tt.evaluate_classifier(spec.build(), variables, test, spec.mean, spec.std)
+    acc = accuracy(spec.build(), variables, test, spec.mean, spec.std)
     assert acc == pytest.approx(records[-1]["test_accuracy"]) and acc > 80.0
     assert spec.extra["accuracy"]["digits/test"] == pytest.approx(acc, abs=1e-3)
     assert any("ETA" in l for l in lines)

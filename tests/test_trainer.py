@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_digits_config
+from conftest import REPO, load_config, tiny_digits_config
 from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax import data as data_lib
+from cpsc_jax import evaluation
 from cpsc_jax.config_validation import ConfigError, validate_config, validate_teacher
 from cpsc_jax.trainer import NonFiniteLossError, train_and_evaluate
 
@@ -20,9 +22,18 @@ def _flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+def _without_times(history):
+    return [{k: v for k, v in h.items() if k != "elapsed_s"} for h in history]
+
+
 def test_interrupted_then_resumed_run_equals_straight_run(tmp_path, digits_teacher):
     config = tiny_digits_config()
     config.teacher.checkpoint = digits_teacher
+    # An extra evaluation set (as the 1,017 CIFAR-10 test images are for cifar10-holdout).
+    test = data_lib.load_split({"name": "digits"}, "test")
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, data=test.images[:50, ..., 0], labels=test.labels[:50])
+    config.data.extra_eval = str(extra)
     straight = train_and_evaluate(config, str(tmp_path / "straight"), log=quiet)
     assert train_and_evaluate(config, str(tmp_path / "split"), log=quiet,
                               stop_after_epochs=1) == {"stopped_at_step": config.epoch_itrs}
@@ -31,11 +42,23 @@ def test_interrupted_then_resumed_run_equals_straight_run(tmp_path, digits_teach
     _, a = ckpt_lib.load_model(straight["student_checkpoint"])
     _, b = ckpt_lib.load_model(resumed["student_checkpoint"])
     np.testing.assert_allclose(_flat(a), _flat(b), rtol=1e-6, atol=1e-7)
-    assert straight["history"] == resumed["history"]
+    assert _without_times(straight["history"]) == _without_times(resumed["history"])
+    assert resumed["elapsed_s"] >= resumed["history"][-1]["elapsed_s"] > 0
     lines = lambda d: [json.loads(l)["step"] for l in open(tmp_path / d / "metrics.jsonl")]
     assert lines("straight") == lines("split")
     for key in ("teacher_accuracy", "student_accuracy", "best_student_accuracy"):
         assert isinstance(resumed[key], float)
+    # Every evaluation set is reported, and each figure is what evaluating the saved model gives.
+    assert set(resumed["student_accuracies"]) == {"test", "extra"}
+    assert resumed["eval_sets"]["extra"]["num_examples"] == 50
+    for path, key in ((resumed["student_checkpoint"], "student_accuracies"),
+                      (digits_teacher, "teacher_accuracies")):
+        assert resumed[key]["extra"] == pytest.approx(
+            evaluation.evaluate_checkpoint(path, str(extra))["accuracy"])
+    assert resumed["student_accuracies"]["test"] == resumed["student_accuracy"]
+    assert resumed["best_student_accuracies"]["extra"] == max(
+        h["accuracies"]["extra"] for h in resumed["history"])
+    assert resumed["protocol"] == "digits"
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_teacher):
@@ -69,6 +92,14 @@ def test_config_validation_messages(field, value, message):
     (config[parent] if parent else config)[leaf] = value
     with pytest.raises(ConfigError, match=message):
         validate_config(config, num_devices=2)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")))
+def test_every_shipped_config_is_complete_and_valid(name):
+    config = load_config(name)
+    validate_config(config, num_devices=1)
+    # Overrides on the command line need every data field to exist.
+    assert {"name", "dir", "protocol", "extra_eval", "tfds_dir"} <= set(config.data)
 
 
 def test_teacher_mismatch_messages(digits_teacher):

@@ -6,7 +6,6 @@ Submodule names mirror the PyTorch state_dict: `layer1.0.conv1` is `layer1_0/con
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cpsc_jax.models.layers import BatchNorm, conv, global_avg_pool

@@ -1,0 +1,75 @@
+"""The run config of a distillation, with the released command's values (spec section 5).
+
+Every `configs/*.py` starts from `distillation_config(...)` and changes only what differs, so
+every config has every field (command-line overrides such as `--config.data.protocol=holdout`
+need the field to exist) and the released values are written once.
+
+Fields:
+    seed
+    data.{name, dir, protocol, extra_eval, tfds_dir}   see `cpsc_jax.data`
+    num_classes, image_size, channels                  from the dataset
+    teacher.{arch, checkpoint, train_if_missing}       checkpoint empty: WORKDIR/teacher
+    student.arch
+    generator.{nz, ngf, num_upsamples}                 latent size, width, 2x upsampling stages
+    batch_size (global), epochs, epoch_itrs, g_steps, s_steps
+    lr_student, momentum, weight_decay, warmup_epochs  student SGD, warm-up then cosine
+    lr_generator, adam_b1, adam_b2, adam_eps
+    generator_optimizer   "reset" (released: a new Adam every step) or "persistent"
+    generator_schedule    for "persistent": "constant" or "cosine"
+    loss.{kd, alpha, beta, gamma, eta}                 loss weights; 0 removes the term
+    loss.ikd_form         "log" (released for CIFAR-10) or "mse" (released elsewhere)
+    loss.ce_form          "double_softmax" (released: softmax fed to CE) or "plain"
+    loss.{temperature, base_temperature}               SupCon
+    mixed_precision       bfloat16 compute, float32 parameters and losses
+    scan_unroll           0 auto, 1 lax.scan, 2 straight-line steps (see steps.scan_unroll)
+    eval_batch_size, log_every, sample_columns
+"""
+import ml_collections
+
+from cpsc_jax.data import dataset_info
+
+
+def distillation_config(dataset: str, teacher: str = "resnet34",
+                        student: str = "resnet18") -> ml_collections.ConfigDict:
+    info = dataset_info(dataset)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = ml_collections.ConfigDict(dict(name=dataset, dir="", protocol="standard",
+                                            extra_eval="", tfds_dir=""))
+    c.num_classes = info.num_classes
+    c.image_size = info.image_size
+    c.channels = info.channels
+
+    c.teacher = ml_collections.ConfigDict(dict(arch=teacher, checkpoint="",
+                                               train_if_missing=False))
+    c.student = ml_collections.ConfigDict(dict(arch=student))
+    c.generator = ml_collections.ConfigDict(dict(nz=256, ngf=64, num_upsamples=2))
+
+    c.batch_size = 512
+    c.epochs = 600
+    c.epoch_itrs = 50
+    c.g_steps = 6
+    c.s_steps = 5
+
+    c.lr_student = 0.1
+    c.momentum = 0.9
+    c.weight_decay = 5e-4
+    c.warmup_epochs = 10
+    c.lr_generator = 1e-3
+    c.adam_b1 = 0.5
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.generator_optimizer = "reset"
+    c.generator_schedule = "constant"
+
+    c.loss = ml_collections.ConfigDict(dict(
+        kd=1.0, alpha=5.0, beta=1.0, gamma=0.7, eta=0.7,
+        ikd_form="log" if dataset == "cifar10" else "mse",
+        ce_form="double_softmax", temperature=0.07, base_temperature=0.07))
+
+    c.mixed_precision = False
+    c.scan_unroll = 0
+    c.eval_batch_size = 500
+    c.log_every = 10
+    c.sample_columns = 8
+    return c

@@ -15,7 +15,6 @@ Re-running with the same WORKDIR resumes from the last finished epoch; a finishe
 at once. `train.py` calls `train_teacher(config.teacher.training, workdir)` for the embedded
 digits default; `scripts/train_teacher.py` calls it with a config from configs/teachers/.
 """
-import functools
 import json
 import math
 import os
@@ -32,7 +31,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from cpsc_jax import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
 from cpsc_jax.evaluation import accuracy
-from cpsc_jax.models import get_model
 from cpsc_jax.train_state import TrainState
 
 AXIS = "batch"
@@ -194,25 +192,6 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted_init(arch: str, num_classes: int, image_size: int, channels: int):
-    model = get_model(arch, num_classes)
-    x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
-    init = jax.jit(lambda rng: model.init(rng, x))
-    try:  # runs once: XLA's backend optimisations cost seconds of compile time and save nothing
-        return init.lower(jax.random.PRNGKey(0)).compile(
-            compiler_options={"xla_backend_optimization_level": 0})
-    except Exception:  # a backend without the option
-        return init
-
-
-def init_variables(spec: ckpt_lib.ModelSpec, rng) -> Dict[str, Any]:
-    """`checkpoint.init_variables` under jit, compiled without backend optimisations (eager init
-    dispatches op by op and a default compile takes seconds on CPU for a small CNN)."""
-    variables = _jitted_init(spec.arch, spec.num_classes, spec.image_size, spec.channels)(rng)
-    return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
-
-
 def _fmt_time(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rem = divmod(seconds, 3600)
@@ -307,7 +286,7 @@ def train_teacher(config, workdir: str, log: Callable[[str], None] = print) -> s
                      optax.sgd(schedule, momentum=float(config.momentum)))
     model = spec.build(axis_name=AXIS)
     eval_model = spec.build()
-    variables = init_variables(spec, jax.random.PRNGKey(seed))
+    variables = ckpt_lib.init_variables(spec, jax.random.PRNGKey(seed))
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], tx=tx)
 

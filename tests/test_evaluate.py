@@ -12,7 +12,6 @@ import pytest
 from cpsc_jax import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
 from cpsc_jax import evaluation as ev
-from cpsc_jax import teacher_training as tt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +21,7 @@ def grey_checkpoint(tmp_path_factory):
     """A (random) 32x32 grey small_cnn with MNIST normalisation."""
     path = tmp_path_factory.mktemp("ckpt") / "model"
     spec = ckpt_lib.ModelSpec("small_cnn", 10, 32, 1, (0.1307,), (0.3081,))
-    ckpt_lib.save_model(str(path), spec, tt.init_variables(spec, jax.random.PRNGKey(0)))
+    ckpt_lib.save_model(str(path), spec, ckpt_lib.init_variables(spec, jax.random.PRNGKey(0)))
     return str(path)
 
 
@@ -31,7 +30,7 @@ def rgb_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model"
     spec = ckpt_lib.ModelSpec("small_cnn", 10, 32, 3, data_lib.NORMALIZATION["cifar10"][0],
                               data_lib.NORMALIZATION["cifar10"][1])
-    ckpt_lib.save_model(str(path), spec, tt.init_variables(spec, jax.random.PRNGKey(1)))
+    ckpt_lib.save_model(str(path), spec, ckpt_lib.init_variables(spec, jax.random.PRNGKey(1)))
     return str(path)
 
 

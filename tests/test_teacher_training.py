@@ -53,7 +53,7 @@ def test_random_crop_flip_semantics():
 def _state(arch="small_cnn", size=8, channels=1, axis=tt.AXIS):
     spec = ckpt_lib.ModelSpec(arch, 10, size, channels, (0.3,), (0.4,))
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
-    v = tt.init_variables(spec, jax.random.PRNGKey(0))
+    v = ckpt_lib.init_variables(spec, jax.random.PRNGKey(0))
     return TrainState.create(apply_fn=spec.build(axis_name=axis).apply, params=v["params"],
                              batch_stats=v["batch_stats"], tx=tx)
 

@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config, tiny_digits_config
+from conftest import REPO, SHARED_DATA, load_config, tiny_digits_config
 from cpsc_jax import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
 from cpsc_jax import evaluation
+from cpsc_jax.checkpoint import init_variables
 from cpsc_jax.config_validation import ConfigError, validate_config, validate_teacher
 from cpsc_jax.trainer import NonFiniteLossError, train_and_evaluate
 
@@ -147,3 +148,33 @@ def test_end_to_end_digits_script(tmp_path):
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode != 0
     assert "unknown model 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
+def test_cifar10_holdout_run_reports_batch5_and_the_1017_test_images(tmp_path):
+    """The cifar10-holdout protocol through the trainer on the real files (tiny nets, 1 iteration)."""
+    cifar = SHARED_DATA / "cifar10"
+    spec = ckpt_lib.ModelSpec("small_cnn", 10, 32, 3, *data_lib.NORMALIZATION["cifar10"])
+    teacher = str(tmp_path / "teacher")
+    ckpt_lib.save_model(teacher, spec, init_variables(spec, jax.random.PRNGKey(0)))
+    config = load_config("cifar10")
+    config.teacher.arch, config.student.arch = "small_cnn", "small_cnn_half"
+    config.teacher.checkpoint = teacher
+    config.data.dir = str(cifar / "cifar-10-batches-py")
+    config.data.protocol = "holdout"
+    config.data.extra_eval = str(cifar / "test_batch_first1017.npz")
+    config.batch_size, config.epochs, config.epoch_itrs, config.warmup_epochs = 16, 1, 1, 0
+    config.g_steps = config.s_steps = 1
+    config.generator.nz, config.generator.ngf = 8, 4
+    config.sample_columns = 1
+    r = train_and_evaluate(config, str(tmp_path / "run"), log=quiet)
+    assert r["protocol"] == "cifar10-holdout"
+    assert r["eval_sets"]["test"]["num_examples"] == 10000
+    assert "data_batch_5" in r["eval_sets"]["test"]["name"]
+    assert r["eval_sets"]["extra"]["num_examples"] == 1017
+    for key, data in (("test", str(cifar / "cifar-10-batches-py" / "data_batch_5")),
+                      ("extra", config.data.extra_eval)):
+        assert r["teacher_accuracies"][key] == pytest.approx(
+            evaluation.evaluate_checkpoint(teacher, data)["accuracy"])
+        assert r["student_accuracies"][key] == pytest.approx(
+            evaluation.evaluate_checkpoint(r["student_checkpoint"], data)["accuracy"])

@@ -196,7 +196,7 @@ class JaxRunner:
         # Initialised under jit (one compilation instead of one per initialiser op), then
         # replicated like the iteration's outputs, or the second call would recompile.
         state = jax.jit(functools.partial(steps.init_state, nets, config))(k_state)
-        teacher_vars = jax.jit(functools.partial(init_variables, teacher_spec))(k_teacher)
+        teacher_vars = init_variables(teacher_spec, k_teacher)   # compiled once, in checkpoint
         self.state = steps.replicate(state, n)
         self.teacher_vars = steps.replicate(teacher_vars, n)
         self.ids = steps.device_ids(n)
@@ -449,6 +449,41 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
     result.setdefault("speedup_vs_torch", None)
     result["torch_channels_last"] = bool(torch_channels_last)
     result["timings"] = {k: v.summary() for k, v in timings.items()}
+    return result
+
+
+def compare_loop_forms(config, iters: int = 10, warmup: int = 2, seed: int = 0,
+                       log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """The JAX iteration with its G/S step loops as `lax.scan` and unrolled (config.scan_unroll
+    1 and 2), compiled in one process and timed round-robin; one flat dict."""
+    dev = describe_jax_device()
+    result: Dict[str, Any] = {
+        "device": dev["device_kind"], "platform": dev["platform"],
+        "num_devices": dev["num_devices"], "teacher": config.teacher.arch,
+        "student": config.student.arch, "batch_size": config.batch_size,
+        "g_steps": config.g_steps, "s_steps": config.s_steps, "iters": iters, "warmup": warmup,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
+        "load_avg_start": load_average()}
+    # The first compilation in a process pays a one-off cost (~8 s on a 2-core CPU): take it
+    # on a throwaway one-step iteration so that neither measured form is charged with it.
+    warm = config.copy_and_resolve_references()
+    warm.g_steps, warm.s_steps, warm.scan_unroll = 1, 1, 2
+    JaxRunner(warm, phases=False, seed=seed, log=lambda _: None)
+    runners = {}
+    for form, value in (("scan", 1), ("unrolled", 2)):
+        c = config.copy_and_resolve_references()
+        c.scan_unroll = value
+        log(f"  jax {form}:")
+        runners[form] = JaxRunner(c, phases=False, seed=seed, log=log)
+        result[f"{form}_compile_s"] = round(runners[form].compile_s["iteration"], 2)
+    timings = time_interleaved({f: functools.partial(r.call, "iteration")
+                                for f, r in runners.items()}, iters, warmup)
+    result["load_avg_end"] = load_average()
+    for form, t in timings.items():
+        result[f"{form}_ms_per_iter"] = round(t.median_ms, 3)
+        result[f"{form}_iter_timing"] = t.summary()
+    result["scan_speedup_vs_unrolled"] = round(timings["unrolled"].median_ms
+                                               / timings["scan"].median_ms, 4)
     return result
 
 

@@ -5,6 +5,7 @@
     python scripts/benchmark.py --config configs/cifar10.py --config.teacher.arch=resnet20 \\
         --config.student.arch=wrn_16_1 --config.batch_size=64 --config.g_steps=2 --torch=both
     python scripts/benchmark.py --config configs/cifar10.py --iters=20 --torch=none   # GPU
+    python scripts/benchmark.py --config configs/mnist.py --compare_loops   # scan vs unrolled
 
 Random teacher/student/generator weights (timing does not depend on them). The JAX side runs
 the project's pmapped iteration (cpsc_jax.steps) over all local devices; the PyTorch side
@@ -42,6 +43,9 @@ flags.DEFINE_enum("omp_wait_policy", "default", ["default", "passive"],
                   "sets OMP_WAIT_POLICY=PASSIVE (unless already set): idle threads sleep, which "
                   "avoids collapses on a CPU shared with other busy processes but costs PyTorch "
                   "~20-30% on a quiet one.")
+flags.DEFINE_bool("compare_loops", False,
+                  "Instead of the JAX/PyTorch comparison: time the JAX iteration with its step "
+                  "loops as lax.scan and unrolled (scan_unroll=1 and 2), round-robin.")
 flags.DEFINE_string("output", None, "Also write the JSON result to this file.")
 flags.DEFINE_integer("seed", 0, "Seed of the random networks.")
 flags.mark_flags_as_required(["config"])
@@ -58,13 +62,25 @@ def main(argv):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads OpenMP
     modes = {"both": ["eager", "compile"], "none": []}.get(FLAGS.torch, [FLAGS.torch])
     log = lambda msg: print(msg, flush=True)
+    if FLAGS.compare_loops:
+        result = bm.compare_loop_forms(FLAGS.config, iters=FLAGS.iters, warmup=FLAGS.warmup,
+                                       seed=FLAGS.seed, log=log)
+        log(f"scan: {result['scan_ms_per_iter']:.1f} ms/iter, compile {result['scan_compile_s']:.1f}"
+            f" s; unrolled: {result['unrolled_ms_per_iter']:.1f} ms/iter, compile "
+            f"{result['unrolled_compile_s']:.1f} s; load {result['load_avg_start']} -> "
+            f"{result['load_avg_end']}")
+        _emit(bm.to_json_line(result))
+        return
     result = bm.run_benchmark(FLAGS.config, iters=FLAGS.iters, warmup=FLAGS.warmup,
                               torch_modes=modes, phases=FLAGS.phases,
                               torch_channels_last=FLAGS.torch_channels_last, seed=FLAGS.seed,
                               log=log)
     for line in bm.format_summary(result):
         log(line)
-    line = bm.to_json_line(result)
+    _emit(bm.to_json_line(result))
+
+
+def _emit(line: str) -> None:
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:
             f.write(line + "\n")

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cpsc_jax.models.conv import conv_general_dilated
+
 BN_MOMENTS = "bn_moments"
 
 
@@ -72,10 +74,14 @@ class BatchNorm(nn.Module):
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, use_bias: bool = False,
          dtype: Any = None, name: Optional[str] = None) -> nn.Conv:
-    """A PyTorch-style Conv2d: symmetric explicit padding (Flax 'SAME' pads (0, 1) at stride 2)."""
+    """A PyTorch-style Conv2d: symmetric explicit padding (Flax 'SAME' pads (0, 1) at stride 2).
+
+    Same parameters and forward as a plain `nn.Conv`; on CPU its gradients are built as
+    standard-form convolutions (see `cpsc_jax.models.conv`), which XLA:CPU runs fast also
+    inside `lax.scan`."""
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-                   dtype=dtype, name=name)
+                   dtype=dtype, conv_general_dilated=conv_general_dilated, name=name)
 
 
 def max_pool(x: jax.Array, size: int = 2) -> jax.Array:

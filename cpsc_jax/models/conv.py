@@ -1,0 +1,130 @@
+"""A 2-D convolution whose backward pass XLA:CPU runs on its fast path, also inside loops.
+
+JAX's autodiff writes the gradients of an NHWC/HWIO convolution as convolutions in other
+layouts (input/output features swapped for dX, batch and features swapped for dW). Outside a loop
+XLA:CPU rewrites those into its standard `b01f_01io->b01f` form; inside a while-loop body (a
+`lax.scan`) it does not, and runs them on a slow generic path (jaxlib 0.10.2: one conv fwd+bwd
+332 ms straight-line, 30,840 ms in a scan body). `canonical_conv` has the same forward but a
+custom VJP that builds both gradients as standard-form convolutions itself:
+
+  * dX: the cotangent, dilated by the stride, convolved with the spatially flipped kernel whose
+    in/out features are swapped (a transposed convolution);
+  * dW: the input with batch and features exchanged ([C_in, H, W, B]) convolved with the
+    cotangent as a kernel ([H_out, W_out, B, C_out], dilated by the stride), giving
+    [C_in, kh, kw, C_out].
+
+`conv_general_dilated` is the drop-in for `lax.conv_general_dilated` that `flax.linen.Conv`
+takes; it uses `canonical_conv` where it applies and the stock convolution otherwise. Being a
+custom VJP, it supports reverse-mode autodiff only (no `jax.jvp` through the models on CPU).
+"""
+import functools
+from typing import Any, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CANONICAL = ("NHWC", "HWIO", "NHWC")
+
+Padding = Tuple[Tuple[int, int], Tuple[int, int]]
+
+
+def _plain_conv(x, w, strides, padding, precision):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=CANONICAL,
+                                    precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def canonical_conv(x: jax.Array, w: jax.Array, strides: Tuple[int, int], padding: Padding,
+                   precision: Any = None) -> jax.Array:
+    """NHWC x HWIO -> NHWC convolution, no dilation, one feature group; explicit padding with
+    0 <= pad < kernel size on every side. Same forward as `lax.conv_general_dilated`."""
+    return _plain_conv(x, w, strides, padding, precision)
+
+
+def _canonical_conv_fwd(x, w, strides, padding, precision):
+    return _plain_conv(x, w, strides, padding, precision), (x, w)
+
+
+def _input_grad(g, w, in_hw, strides, padding, precision):
+    """dX: transposed convolution of g with the flipped, in/out-swapped kernel."""
+    pads = []
+    for size, k, s, (lo, _), out in zip(in_hw, w.shape[:2], strides, padding, g.shape[1:3]):
+        # Output length (out-1)*s+1 + pad_lo + pad_hi - k + 1 must equal the input length.
+        pads.append((k - 1 - lo, size - (out - 1) * s - 1 + lo))
+    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
+    return lax.conv_general_dilated(g, w_t, (1, 1), pads, lhs_dilation=strides,
+                                    dimension_numbers=CANONICAL, precision=precision)
+
+
+def _kernel_grad(x, g, k_hw, strides, padding, precision):
+    """dW: the batch is the contraction axis, so exchange it with the features of x and g."""
+    pads = []
+    for axis, (k, s, (lo, _), out) in enumerate(zip(k_hw, strides, padding, g.shape[1:3])):
+        # Output length x_len + lo + hi - ((out-1)*s+1) + 1 must equal k.
+        hi = k + (out - 1) * s - x.shape[1 + axis] - lo
+        if hi < 0:
+            # The last -hi rows/columns of x fall outside every window (stride remainder).
+            x = lax.slice_in_dim(x, 0, x.shape[1 + axis] + hi, axis=1 + axis)
+            hi = 0
+        pads.append((lo, hi))
+    x_t = x.astype(g.dtype).transpose(3, 1, 2, 0)        # [C_in, H, W, B]
+    g_t = g.transpose(1, 2, 0, 3)                        # [H_out, W_out, B, C_out]
+    dw = lax.conv_general_dilated(x_t, g_t, (1, 1), pads, rhs_dilation=strides,
+                                  dimension_numbers=CANONICAL, precision=precision)
+    return dw.transpose(1, 2, 0, 3)                      # [kh, kw, C_in, C_out]
+
+
+def _canonical_conv_bwd(strides, padding, precision, residuals, g):
+    x, w = residuals
+    dx = _input_grad(g, w, x.shape[1:3], strides, padding, precision)
+    dw = _kernel_grad(x, g, w.shape[:2], strides, padding, precision)
+    # Same dtypes as lax's own transpose rules: each gradient in its primal's dtype.
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
+
+
+def _canonical_args(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                    dimension_numbers, feature_group_count, batch_group_count,
+                    preferred_element_type) -> Optional[Tuple[Tuple[int, int], Padding]]:
+    """(strides, padding) if `canonical_conv` computes this convolution, else None."""
+    if lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1:
+        return None
+    if preferred_element_type is not None:
+        return None
+    if any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())):
+        return None
+    if (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            != lax.conv_dimension_numbers(lhs.shape, rhs.shape, CANONICAL)):
+        return None
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if not all(0 <= p < k for (lo, hi), k in zip(pads, rhs.shape[:2]) for p in (lo, hi)):
+        return None
+    return strides, pads
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
+                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated`, with `canonical_conv`'s backward pass on CPU.
+
+    Only on CPU (decided at trace time): XLA:GPU already maps JAX's own gradient convolutions to
+    cuDNN's backward-data/backward-filter kernels, which explicit transposes would only get in
+    the way of (untested there, so left alone)."""
+    if jax.default_backend() == "cpu":
+        args = _canonical_args(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                               dimension_numbers, feature_group_count, batch_group_count,
+                               preferred_element_type)
+        if args is not None:
+            return canonical_conv(lhs, rhs, *args, precision)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)

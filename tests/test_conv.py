@@ -1,0 +1,136 @@
+"""The models' conv: same parameters, forward and gradients as a plain nn.Conv / lax autodiff,
+and (on CPU) only standard-form convolutions in a compiled lax.scan body."""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cpsc_jax.models.conv import CANONICAL, canonical_conv, conv_general_dilated
+from cpsc_jax.models.layers import conv
+
+# (batch, size, c_in, c_out, kernel, stride, padding); the stride-2 cases include sizes where
+# (size + 2 * padding - kernel) % stride != 0 (the last input row/column is in no window).
+CASES = [
+    (2, 8, 3, 4, 3, 1, 1),
+    (2, 8, 3, 4, 3, 2, 1),
+    (2, 7, 3, 4, 3, 2, 1),
+    (2, 8, 3, 4, 1, 2, 0),
+    (2, 9, 2, 3, 5, 1, 0),
+    (2, 8, 2, 3, 5, 1, 2),
+    (2, 8, 2, 3, 5, 2, 2),
+]
+
+
+def _inputs(b, size, c_in, c_out, k, dtype=jnp.float32):
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, size, size, c_in)).astype(dtype)
+    w = jax.random.normal(jax.random.PRNGKey(1), (k, k, c_in, c_out)).astype(dtype)
+    return x, w
+
+
+def _loss(conv_fn, stride, pad):
+    # sin makes the cotangent depend on the output, so every gradient entry is exercised.
+    return lambda x, w: jnp.sum(jnp.sin(conv_fn(x, w, (stride, stride), ((pad, pad), (pad, pad)))
+                                        .astype(jnp.float32)))
+
+
+def _lax_conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=CANONICAL)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradients_match_lax_autodiff(case):
+    b, size, c_in, c_out, k, s, p = case
+    x, w = _inputs(b, size, c_in, c_out, k)
+    np.testing.assert_array_equal(canonical_conv(x, w, (s, s), ((p, p), (p, p))),
+                                  _lax_conv(x, w, (s, s), ((p, p), (p, p))))
+    want = jax.jit(jax.grad(_loss(_lax_conv, s, p), (0, 1)))(x, w)
+    got = jax.jit(jax.grad(_loss(canonical_conv, s, p), (0, 1)))(x, w)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]])
+def test_bfloat16_gradient_dtypes_match_lax_autodiff(case):
+    b, size, c_in, c_out, k, s, p = case
+    x, w = _inputs(b, size, c_in, c_out, k, jnp.bfloat16)
+    want = jax.jit(jax.grad(_loss(_lax_conv, s, p), (0, 1)))(x, w)
+    got = jax.jit(jax.grad(_loss(canonical_conv, s, p), (0, 1)))(x, w)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                   rtol=2e-2, atol=2e-2)
+
+
+def _scan_grads(module, variables, x, length=2):
+    """Parameter and input gradients, summed over a jitted lax.scan of `length` steps."""
+    def loss(params, x):
+        return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
+
+    @jax.jit
+    def run(params, x):
+        def body(acc, i):
+            gp, gx = jax.grad(loss, (0, 1))(params, x * (1.0 + 0.5 * i))
+            return jax.tree.map(jnp.add, acc, (gp, gx)), None
+        zeros = jax.tree.map(jnp.zeros_like, (params, x))
+        return lax.scan(body, zeros, jnp.arange(length, dtype=jnp.float32))[0]
+
+    return run(variables["params"], x)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]])
+def test_layer_matches_plain_flax_conv_inside_scan(case):
+    b, size, c_in, c_out, k, s, p = case
+    x, _ = _inputs(b, size, c_in, c_out, k)
+    ours = conv(c_out, k, s, p, use_bias=True)
+    plain = nn.Conv(c_out, (k, k), strides=(s, s), padding=((p, p), (p, p)), use_bias=True)
+    variables = ours.init(jax.random.PRNGKey(2), x)
+    # Same parameter tree (names, shapes) as a plain nn.Conv: conversion and checkpoints rely on it.
+    ref_vars = plain.init(jax.random.PRNGKey(2), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref_vars)
+    np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
+    (gp, gx), (rp, rx) = _scan_grads(ours, variables, x), _scan_grads(plain, variables, x)
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(gp[name], rp[name], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_convolutions_fall_back_to_lax():
+    x = jnp.ones((1, 6, 6, 4))
+    w = jnp.ones((3, 3, 2, 4))
+    grouped = conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=CANONICAL,
+                                   feature_group_count=2)
+    ref = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=CANONICAL,
+                                   feature_group_count=2)
+    np.testing.assert_array_equal(grouped, ref)
+    g = jax.grad(lambda w: jnp.sum(conv_general_dilated(
+        x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=CANONICAL,
+        feature_group_count=2) ** 2))(w)
+    assert g.shape == w.shape
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the custom VJP is used on CPU only")
+@pytest.mark.parametrize("stride,kernel,pad", [(1, 3, 1), (2, 3, 1), (2, 1, 0)])
+def test_scan_body_has_only_standard_form_convolutions(stride, kernel, pad):
+    """XLA:CPU's fast path takes `b01f_01io->b01f` convolutions; autodiff's own gradient forms
+    (e.g. `f01b_i01o->01bf` for dW) are what ran slowly inside loop bodies."""
+    layer = conv(4, kernel, stride, pad)
+    x = jnp.ones((2, 8, 8, 3))
+    variables = layer.init(jax.random.PRNGKey(0), x)
+
+    def run(params, x):
+        def body(carry, _):
+            p, x = carry
+            gp, gx = jax.grad(lambda p, x: jnp.sum(jnp.tanh(layer.apply({"params": p}, x))),
+                              (0, 1))(p, x)
+            return (jax.tree.map(lambda a, b: a - 1e-3 * b, p, gp), x - 1e-3 * gx), None
+        return lax.scan(body, (params, x), None, length=2)[0]
+
+    hlo = jax.jit(run).lower(variables["params"], x).compile().as_text()
+    labels = re.findall(r"\bconvolution\(.*?dim_labels=([\w>-]+)", hlo)
+    assert len(labels) >= 3, hlo           # forward, dX, dW
+    assert set(labels) == {"b01f_01io->b01f"}, labels

@@ -228,17 +228,14 @@ def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool 
 
 
 def scan_unroll(config) -> bool:
-    """`config.scan_unroll`: 0 picks automatically (lax.scan, on every backend), 1 forces
-    lax.scan, 2 forces straight-line code (the steps traced one after another).
+    """`config.scan_unroll`: 0 (auto) and 1 run the steps in a lax.scan, 2 traces them one
+    after another.
 
-    lax.scan compiles one step body instead of G_steps + S_steps copies. On CPU this used to cost
-    far too much at run time (XLA:CPU ran autodiff's backward convolutions slowly inside loop
-    bodies); with the models' conv emitting standard-form gradient convolutions
-    (`cpsc_jax.models.conv`) it no longer does. Measured on a 2-core CPU (2026-11-22), scan vs
-    unrolled: released cifar10 config at batch 16, compile 13.7 vs 109.1 s, 6483 vs 6274 ms/iter;
-    resnet20 -> wrn_16_1 at batch 64, compile 11.6 vs 23.9 s, 2697 vs 2637 ms/iter; digits,
-    compile 7.1 vs 9.8 s, 65.8 vs 60.1 ms/iter (docs/RESULTS.md). Unrolling stays an option for
-    long CPU runs of small networks, where its few per cent per iteration outweigh the compile."""
+    lax.scan compiles one step body instead of G_steps + S_steps copies (released cifar10 config
+    on CPU: 14 s instead of 109 s) at about the same speed per iteration, now that the models'
+    convs emit standard-form gradients on CPU (`cpsc_jax.models.conv`; figures in
+    docs/RESULTS.md). Unrolled code is a few per cent faster per iteration for small networks
+    on CPU, which can pay off in long runs."""
     if config.scan_unroll not in (0, 1, 2):
         raise ValueError(f"scan_unroll must be 0 (auto), 1 (scan) or 2 (unrolled), got {config.scan_unroll!r}")
     return config.scan_unroll == 2

@@ -74,6 +74,20 @@ def test_script_tiny_run_prints_json():
                                                                       rel=0.15)
 
 
+def test_script_compare_loops_times_scan_and_unrolled():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), *TINY,
+                          "--compare_loops"], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = _tail_json(out.stdout)
+    for form in ("scan", "unrolled"):
+        assert r[f"{form}_ms_per_iter"] > 0 and r[f"{form}_compile_s"] > 0
+        assert r[f"{form}_iter_timing"]["n"] == 2
+    assert r["scan_speedup_vs_unrolled"] == pytest.approx(
+        r["unrolled_ms_per_iter"] / r["scan_ms_per_iter"], rel=1e-3)
+
+
 # ----------------------------------------------------------------------------- torch baseline
 
 needs_torch = pytest.mark.skipif(not bm.torch_available(), reason="PyTorch is not installed")

@@ -1,5 +1,6 @@
 """Timing harness for the CPSC-DFKD iteration: JAX (the project's pmapped iteration) against a
-PyTorch baseline of the same iteration (`bench/`, imported lazily: torch stays optional).
+PyTorch baseline of the same iteration (`cpsc_jax.pytorch.dfkd`, imported lazily: torch stays
+optional).
 
 What is measured, per framework, on the same networks, shapes and global batch:
   * one full iteration (G_steps generator steps + S_steps student steps), and each phase alone;
@@ -150,32 +151,6 @@ def device_peak_memory(device) -> Optional[int]:
 
 
 
-def make_phase(nets, config, num_devices: int, phase: str, num_steps: int,
-               donate: bool = True):
-    """A pmapped `(state, teacher_vars, device_ids) -> (state, metrics)` running `num_steps`
-    generator steps (phase='generator') or student steps (phase='student') exactly as the
-    iteration does (same step functions, keys drawn the same way, same loop form)."""
-    from cpsc_jax import steps
-
-    step_fn = {"generator": steps.generator_step, "student": steps.student_step}[phase]
-    salt = 0 if phase == "generator" else 1
-    unroll = steps.scan_unroll(config)
-
-    def run(state, teacher_vars, device_index):
-        key = jax.random.fold_in(state.rng, state.step)
-        keys = jax.random.split(jax.random.fold_in(key, salt), num_steps)
-        carry = (state.generator, state.student, state.adapter)
-        carry, metrics = steps.repeat_steps(
-            functools.partial(step_fn, nets, config, num_devices, teacher_vars, device_index),
-            carry, keys, unroll)
-        gen, stu, ada = carry
-        new_state = state.replace(step=state.step + 1, generator=gen, student=stu, adapter=ada)
-        return new_state, {k: jnp.mean(v) for k, v in metrics.items()}
-
-    return jax.pmap(run, axis_name=steps.AXIS, in_axes=(None, None, 0), out_axes=(None, None),
-                    donate_argnums=(0,) if donate else ())
-
-
 class JaxRunner:
     """The JAX iteration (and its phases) compiled ahead of time on random networks."""
 
@@ -204,14 +179,13 @@ class JaxRunner:
 
         fns = {"iteration": steps.make_train_iteration(nets, config, n, donate=donate)}
         if phases:
-            fns["generator_phase"] = make_phase(nets, config, n, "generator", config.g_steps,
-                                                donate)
-            fns["student_phase"] = make_phase(nets, config, n, "student", config.s_steps, donate)
+            fns["generator_phase"] = steps.make_train_iteration(nets, config, n, donate, s_steps=0)
+            fns["student_phase"] = steps.make_train_iteration(nets, config, n, donate, g_steps=0)
         if not self.unroll:
             # XLA's cost analysis counts a while-loop body once: take FLOPs from one-step
             # executables (a length-1 loop) instead.
-            fns["generator_step"] = make_phase(nets, config, n, "generator", 1, donate)
-            fns["student_step"] = make_phase(nets, config, n, "student", 1, donate)
+            fns["generator_step"] = steps.make_train_iteration(nets, config, n, donate, 1, 0)
+            fns["student_step"] = steps.make_train_iteration(nets, config, n, donate, 0, 1)
         self.compiled, self.compile_s, self.flops, self.memory = {}, {}, {}, {}
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -261,22 +235,12 @@ def torch_available() -> bool:
     return True
 
 
-def _import_bench_path() -> None:
-    """`bench/` lives at the repository root, next to the (editable) package."""
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isdir(os.path.join(root, "bench")) and root not in sys.path:
-        sys.path.insert(0, root)
-
-
 class TorchRunner:
-    """The PyTorch baseline (`bench.torch_dfkd.TorchDFKD`) behind the same `call` interface."""
+    """The PyTorch baseline (`cpsc_jax.pytorch.dfkd.TorchDFKD`) behind the same `call` interface."""
 
     def __init__(self, config, mode: str, seed: int = 0, device: Optional[str] = None,
                  channels_last: bool = False, log: Callable[[str], None] = print):
-        import torch  # noqa: F401  (lazy: torch is optional)
-        _import_bench_path()
-        from bench import torch_dfkd
+        from cpsc_jax.pytorch import dfkd as torch_dfkd   # lazy: torch is optional
 
         self.mod = torch_dfkd
         self.bench = torch_dfkd.TorchDFKD(config, device=device, mode=mode, seed=seed,

@@ -13,9 +13,11 @@ Fields:
     generator.{nz, ngf, num_upsamples}                 latent size, width, 2x upsampling stages
     batch_size (global), epochs, epoch_itrs, g_steps, s_steps
     lr_student, momentum, weight_decay, warmup_epochs  student SGD, warm-up then cosine
+    student_schedule      "per_epoch" (released: stepped once per epoch) or "per_step"
     lr_generator, adam_b1, adam_b2, adam_eps
     generator_optimizer   "reset" (released: a new Adam every step) or "persistent"
     generator_schedule    for "persistent": "constant" or "cosine"
+    adapter_optimizer     "frozen" (released: the adapter never changes) or "sgd"
     loss.{kd, alpha, beta, gamma, eta}                 loss weights; 0 removes the term
     loss.ikd_form         "log" (released for CIFAR-10) or "mse" (released elsewhere)
     loss.ce_form          "double_softmax" (released: softmax fed to CE) or "plain"
@@ -55,12 +57,14 @@ def distillation_config(dataset: str, teacher: str = "resnet34",
     c.momentum = 0.9
     c.weight_decay = 5e-4
     c.warmup_epochs = 10
+    c.student_schedule = "per_epoch"
     c.lr_generator = 1e-3
     c.adam_b1 = 0.5
     c.adam_b2 = 0.999
     c.adam_eps = 1e-8
     c.generator_optimizer = "reset"
     c.generator_schedule = "constant"
+    c.adapter_optimizer = "frozen"
 
     c.loss = ml_collections.ConfigDict(dict(
         kd=1.0, alpha=5.0, beta=1.0, gamma=0.7, eta=0.7,

@@ -39,6 +39,10 @@ def validate_config(config, num_devices: int = 1) -> None:
            f"config.generator_optimizer must be 'reset' (released) or 'persistent', got {config.generator_optimizer!r}")
     _check(config.generator_schedule in ("constant", "cosine"),
            f"config.generator_schedule must be 'constant' or 'cosine', got {config.generator_schedule!r}")
+    _check(config.student_schedule in ("per_epoch", "per_step"),
+           f"config.student_schedule must be 'per_epoch' (released) or 'per_step', got {config.student_schedule!r}")
+    _check(config.adapter_optimizer in ("frozen", "sgd"),
+           f"config.adapter_optimizer must be 'frozen' (released) or 'sgd', got {config.adapter_optimizer!r}")
     loss = config.loss
     for field in ("kd", "alpha", "beta", "gamma", "eta"):
         _check(loss[field] >= 0, f"config.loss.{field} is a loss weight and must be >= 0 "

@@ -46,7 +46,9 @@ _HEAD_NAMES = ("linear", "fc", "classifier", "fc2")
 
 _FLAX_TO_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
                        ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
-                       ("batch_stats", "var"): "running_var"}
+                       ("batch_stats", "var"): "running_var",
+                       # the conditional BatchNorm's per-class tables (nn.Embedding weights)
+                       ("params", "gamma"): "gamma.weight", ("params", "beta"): "beta.weight"}
 _TORCH_TO_FLAX_LEAF = {"running_mean": ("batch_stats", "mean"),
                        "running_var": ("batch_stats", "var"), "bias": ("params", "bias")}
 

@@ -8,11 +8,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from cpsc_jax.dtypes import at_least_float32
+
 
 def kd_loss(student_logits, teacher_logits):
     """KL(softmax(t) || softmax(s)), summed over classes, averaged over the batch (T = 1)."""
-    log_p_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), -1)
-    log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), -1)
+    log_p_t = jax.nn.log_softmax(at_least_float32(teacher_logits), -1)
+    log_p_s = jax.nn.log_softmax(at_least_float32(student_logits), -1)
     return jnp.mean(jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), -1))
 
 
@@ -21,7 +23,11 @@ def _global_mean(x, axis_name):
 
 
 def ikd_generator_loss(student_logits, teacher_logits, form: str, axis_name: Optional[str] = None):
-    """Generator-phase logit distance: -log(mean((s-t)^2)) ('log') or -mean((s-t)^2) ('mse')."""
+    """Generator-phase logit distance: -log(mean((s-t)^2)) ('log') or -mean((s-t)^2) ('mse').
+
+    The teacher's logits are a constant here, as in the released code (it detaches them in this
+    term only): the gradient reaches the generator through the student alone."""
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
     mse = _global_mean(jnp.mean(jnp.square(student_logits - teacher_logits)), axis_name)
     if form == "log":
         return -jnp.log(mse)
@@ -58,7 +64,7 @@ def supcon_loss(features, labels, temperature: float = 0.07, base_temperature: f
     Each vector is an anchor; its positives are the other vectors with its label; its denominator
     runs over all N-1 other vectors. Built from an [N, N] label mask, no loop.
     """
-    features = features.astype(jnp.float32)
+    features = at_least_float32(features)
     n = features.shape[0]
     logits = features @ features.T / temperature
     not_self = ~jnp.eye(n, dtype=bool)
@@ -89,7 +95,7 @@ def two_view_supcon_loss(student_view, teacher_view, labels, temperature: float 
 def cross_entropy_loss(logits, labels, form: str):
     """CE of the pseudo-labels. 'double_softmax' is the released code (softmax fed to a CE that
     applies softmax again); 'plain' is CE on the logits."""
-    logits = logits.astype(jnp.float32)
+    logits = at_least_float32(logits)
     if form == "double_softmax":
         logits = jax.nn.softmax(logits, -1)
     elif form != "plain":
@@ -99,5 +105,5 @@ def cross_entropy_loss(logits, labels, form: str):
 
 
 def l2_normalize(x, eps: float = 1e-12):
-    x = x.astype(jnp.float32)
+    x = at_least_float32(x)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpsc_jax import losses
+from cpsc_jax.dtypes import at_least_float32
 from cpsc_jax.models import BN_MOMENTS, ConditionalGenerator, FeatureAdapter, get_model
-from cpsc_jax.train_state import TrainState, generator_optimizer, student_optimizer
+from cpsc_jax.train_state import (TrainState, adapter_optimizer, generator_optimizer,
+                                  student_optimizer)
 
 AXIS = "batch"
 
@@ -81,9 +83,8 @@ def init_state(nets: Networks, config, rng) -> DistillState:
     adapter = None
     if nets.adapter is not None:
         a_vars = nets.adapter.init(k_ada, jnp.zeros((2, nets.adapter.hidden)))
-        # The adapter trains with the student's optimizer settings, stepping with the generator.
         adapter = TrainState.create(apply_fn=nets.adapter.apply, params=a_vars["params"],
-                                    tx=student_optimizer(config, config.g_steps))
+                                    tx=adapter_optimizer(config))
     return DistillState(jnp.zeros((), jnp.int32), k_run, generator, student, adapter)
 
 
@@ -122,7 +123,7 @@ def generator_step(nets: Networks, config, num_devices: int, teacher_vars, devic
         (s_logits, s_feat), s_updates = nets.student.apply(
             {"params": stu.params, "batch_stats": stu.batch_stats}, x, train=True, features=True,
             mutable=["batch_stats"])
-        t_logits, s_logits = t_logits.astype(jnp.float32), s_logits.astype(jnp.float32)
+        t_logits, s_logits = at_least_float32(t_logits), at_least_float32(s_logits)
         terms, loss = {}, 0.0
         if w.kd > 0:
             terms["kd"] = losses.kd_loss(s_logits, t_logits)
@@ -136,7 +137,8 @@ def generator_step(nets: Networks, config, num_devices: int, teacher_vars, devic
         if w.gamma > 0:
             v_s = losses.l2_normalize(s_feat)
             if nets.adapter is not None:
-                v_s = losses.l2_normalize(nets.adapter.apply({"params": a_params}, v_s))
+                # The head's raw output is the student's view (released code: not normalised again).
+                v_s = nets.adapter.apply({"params": a_params}, v_s)
             terms["supcon"] = losses.two_view_supcon_loss(
                 v_s, losses.l2_normalize(t_feat), y, w.temperature, w.base_temperature, AXIS)
             loss += w.gamma * terms["supcon"]
@@ -147,15 +149,16 @@ def generator_step(nets: Networks, config, num_devices: int, teacher_vars, devic
         return loss, (terms, g_stats, s_updates.get("batch_stats", {}))
 
     a_params = ada.params if ada is not None else None
-    (loss, (terms, g_stats, s_stats)), (g_grads, a_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(gen.params, a_params)
-    g_grads, a_grads = jax.lax.pmean((g_grads, a_grads), AXIS)
+    train_adapter = ada is not None and config.adapter_optimizer != "frozen"
+    (loss, (terms, g_stats, s_stats)), grads = jax.value_and_grad(
+        loss_fn, argnums=(0, 1) if train_adapter else 0, has_aux=True)(gen.params, a_params)
+    g_grads, a_grads = jax.lax.pmean(grads if train_adapter else (grads, None), AXIS)
     if config.generator_optimizer == "reset":
         # Released behaviour: a new Adam every step, so each update is a fresh bias-corrected step.
         gen = gen.replace(opt_state=gen.tx.init(gen.params))
     gen = gen.apply_gradients(grads=g_grads, batch_stats=g_stats)
     stu = stu.replace(batch_stats=s_stats)
-    if ada is not None:
+    if train_adapter:
         ada = ada.apply_gradients(grads=a_grads)
     metrics = jax.lax.pmean({"loss": loss, **terms}, AXIS)
     return (gen, stu, ada), metrics
@@ -169,12 +172,12 @@ def student_step(nets: Networks, config, num_devices: int, teacher_vars, device_
     z, y = sample_conditioning(rng, config, device_index, num_devices)
     x, g_stats = _generate(nets, gen, gen.params, z, y)  # G stays in training mode
     x = jax.lax.stop_gradient(x)
-    t_logits = nets.teacher.apply(teacher_vars, x, train=False).astype(jnp.float32)
+    t_logits = at_least_float32(nets.teacher.apply(teacher_vars, x, train=False))
 
     def loss_fn(s_params):
         s_logits, updates = nets.student.apply({"params": s_params, "batch_stats": stu.batch_stats},
                                                x, train=True, mutable=["batch_stats"])
-        s_logits = s_logits.astype(jnp.float32)
+        s_logits = at_least_float32(s_logits)
         terms, loss = {}, 0.0
         if w.kd > 0:
             terms["kd"] = losses.kd_loss(s_logits, t_logits)
@@ -196,30 +199,44 @@ def student_step(nets: Networks, config, num_devices: int, teacher_vars, device_
     return (gen, stu, ada), metrics
 
 
-def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool = True):
+PHASES = ("generator", "student")
+
+
+def phase_keys(rng, step, phase: str, num_steps: int):
+    """The keys of the `num_steps` steps of `phase` in iteration `step` (one per step; each
+    draws that step's (z, y) with `sample_conditioning`)."""
+    key = jax.random.fold_in(rng, step)
+    return jax.random.split(jax.random.fold_in(key, PHASES.index(phase)), num_steps)
+
+
+def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool = True,
+                         g_steps: Optional[int] = None, s_steps: Optional[int] = None):
     """Returns `iteration(state, teacher_vars, device_ids) -> (state, metrics)`, pmapped.
 
-    `device_ids` is `np.arange(num_devices)` (the only mapped argument). Metrics are means over
-    the steps of each phase, prefixed `generator/` and `student/`.
+    `device_ids` is `np.arange(num_devices)` (the only mapped argument). One iteration runs
+    `g_steps` generator steps then `s_steps` student steps (default: the config's; 0 skips a
+    phase, which is how the benchmark times each phase alone). Metrics are means over the steps
+    of each phase, prefixed `generator/` and `student/`.
     """
     if config.batch_size % num_devices:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {num_devices} devices")
     unroll = scan_unroll(config)
+    counts = {"generator": config.g_steps if g_steps is None else g_steps,
+              "student": config.s_steps if s_steps is None else s_steps}
+    step_fns = {"generator": generator_step, "student": student_step}
 
     def iteration(state: DistillState, teacher_vars, device_index):
-        key = jax.random.fold_in(state.rng, state.step)
-        g_keys = jax.random.split(jax.random.fold_in(key, 0), config.g_steps)
-        s_keys = jax.random.split(jax.random.fold_in(key, 1), config.s_steps)
         carry = (state.generator, state.student, state.adapter)
-        carry, g_metrics = repeat_steps(
-            functools.partial(generator_step, nets, config, num_devices, teacher_vars, device_index),
-            carry, g_keys, unroll)
-        carry, s_metrics = repeat_steps(
-            functools.partial(student_step, nets, config, num_devices, teacher_vars, device_index),
-            carry, s_keys, unroll)
+        metrics = {}
+        for phase in PHASES:
+            if not counts[phase]:
+                continue
+            keys = phase_keys(state.rng, state.step, phase, counts[phase])
+            step = functools.partial(step_fns[phase], nets, config, num_devices, teacher_vars,
+                                     device_index)
+            carry, phase_metrics = repeat_steps(step, carry, keys, unroll)
+            metrics.update({f"{phase}/{k}": jnp.mean(v) for k, v in phase_metrics.items()})
         gen, stu, ada = carry
-        metrics = {f"generator/{k}": jnp.mean(v) for k, v in g_metrics.items()}
-        metrics.update({f"student/{k}": jnp.mean(v) for k, v in s_metrics.items()})
         new_state = state.replace(step=state.step + 1, generator=gen, student=stu, adapter=ada)
         return new_state, metrics
 

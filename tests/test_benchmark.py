@@ -96,7 +96,7 @@ needs_torch = pytest.mark.skipif(not bm.torch_available(), reason="PyTorch is no
 @needs_torch
 def test_torch_losses_match_jax():
     import torch
-    from bench import torch_dfkd as td
+    from cpsc_jax.pytorch import dfkd as td
     rng = np.random.default_rng(0)
     s = rng.normal(size=(12, 10)).astype(np.float32)
     t = rng.normal(size=(12, 10)).astype(np.float32)
@@ -118,8 +118,8 @@ def test_torch_losses_match_jax():
 @needs_torch
 def test_torch_iteration_runs_and_matches_shapes():
     import torch
-    from bench import torch_models as tm
-    from bench.torch_dfkd import TorchDFKD
+    from cpsc_jax.pytorch import models as tm
+    from cpsc_jax.pytorch.dfkd import TorchDFKD
     from configs import cifar10
     c = cifar10.get_config()
     c.teacher.arch, c.student.arch = "resnet20", "wrn_16_1"

@@ -21,7 +21,7 @@ class ConditionalBatchNorm(nn.Module):
     def __call__(self, x, y, train: bool = True):
         features = x.shape[-1]
         h = BatchNorm(self.momentum, self.epsilon, use_affine=False, axis_name=self.axis_name,
-                      dtype=jnp.float32, name="bn")(x, train)
+                      dtype=jnp.promote_types(x.dtype, jnp.float32), name="bn")(x, train)
         gamma = self.param("gamma", nn.initializers.ones, (self.num_classes, features), jnp.float32)
         beta = self.param("beta", nn.initializers.zeros, (self.num_classes, features), jnp.float32)
         shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (features,)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cpsc_jax.dtypes import at_least_float32
 from cpsc_jax.models.conv import conv_general_dilated
 
 BN_MOMENTS = "bn_moments"
@@ -19,7 +20,7 @@ BN_MOMENTS = "bn_moments"
 def batch_moments(x: jax.Array, axis_name: Optional[str] = None):
     """Per-channel mean and biased variance over every axis but the last; global over devices."""
     axes = tuple(range(x.ndim - 1))
-    x = x.astype(jnp.float32)
+    x = at_least_float32(x)
     mean = jnp.mean(x, axes)
     if axis_name is not None:
         mean = jax.lax.pmean(mean, axis_name)
@@ -65,7 +66,7 @@ class BatchNorm(nn.Module):
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
         else:
             mean, var = ra_mean.value, ra_var.value
-        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = (at_least_float32(x) - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.use_affine:
             y = y * self.param("scale", nn.initializers.ones, (features,), jnp.float32)
             y = y + self.param("bias", nn.initializers.zeros, (features,), jnp.float32)

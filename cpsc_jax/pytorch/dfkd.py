@@ -1,37 +1,39 @@
-"""The CPSC-DFKD training iteration in PyTorch, as the released code runs it (spec section 4),
-for timing against the JAX iteration on the same networks, shapes and batch.
+"""The released CPSC-DFKD training iteration in PyTorch (docs/method.md, section 4), faithful
+to the authors' code including its oddities:
 
-One iteration = G_steps generator steps, each with fresh (z, y) and a NEW Adam (released
-behaviour; `generator_optimizer='persistent'` keeps one), minimising
-    -KD + alpha*IKD_G + beta*BN-stat + gamma*SupCon + eta*CE(double softmax, teacher),
-with the teacher's BN-input moments read by forward hooks (DeepInversion style), the student in
-training mode (its BN running averages move) and the adapter (when the feature widths differ)
-stepping with SGD; then S_steps student steps: x = G(z, y) without gradient (G in training mode),
-teacher logits, KD + alpha*IKD_S + eta*CE(student), SGD momentum 0.9, weight decay 5e-4,
-warm-up + cosine learning rate.
+* generator phase, G_steps times: fresh (z, y), a NEW Adam at every step (so a bias-corrected
+  first step; `generator_optimizer='persistent'` keeps one), minimising
+  -KD + alpha*IKD_G + beta*BN-stat + gamma*SupCon + eta*CE(teacher), with the teacher's logits
+  detached in IKD_G only, the teacher's BN-input moments read by forward hooks, the student in
+  training mode (its BN running averages move), and the adapter head's raw output (not
+  normalised again) as the student's view; the adapter never changes (released) unless
+  `adapter_optimizer='sgd'`;
+* student phase, S_steps times: x = G(z, y) without gradient, G in training mode, KD +
+  alpha*IKD_S + eta*CE(student), SGD with momentum and weight decay; the learning rate stepped
+  once per epoch (warm-up lr*e/W, then lr*(1 + cos(pi*(e - W)/E))/2), or per step.
 
-Two deliberate differences from the released script, both in its favour (fewer FLOPs, same
-mathematics as the JAX side): during the generator phase the student's parameters have
-`requires_grad=False` (the released code also computes, and then discards, the student's weight
-gradients there), and the BN hooks only compute in the generator phase (the released hooks also
-run, unused, in the student phase).
+It is the PyTorch baseline of the benchmark and the reference of the float64 parity test
+(tests/test_parity.py): `generator_step(z, y)` / `student_step(z, y)` take the latents and labels
+the JAX iteration drew, and return every loss term.
 
-Precision: fp16 autocast (+ GradScaler) on CUDA, as the released code; fp32 on CPU.
-Modes: "eager", or "compile" (`torch.compile` of the two loss functions: generator, teacher and
-student forward passes and the losses; backward through AOTAutograd; optimizer steps eager).
+Two differences from the released script that change no number: during the generator phase the
+student's parameters have `requires_grad=False` (the released code computes, then discards, their
+gradients), and the BN hooks only compute in the generator phase.
+
+Precision: fp16 autocast (+ GradScaler) on CUDA as released, fp32 on CPU, or `dtype=float64`.
+Modes: "eager", or "compile" (`torch.compile` of the two loss functions).
 """
 import contextlib
 import math
-import time
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
-from bench.torch_models import FeatureAdapter, GeneratorD, feature_dim, get_model
+from cpsc_jax.pytorch.models import ConditionalGenerator, FeatureAdapter, feature_dim, get_model
 
 
-# ----------------------------------------------------------------------------- losses (spec 3)
+# ----------------------------------------------------------------------------- losses
 
 def kd_loss(s, t):
     """KL(softmax(t) || softmax(s)), summed over classes, batch mean, T = 1."""
@@ -39,13 +41,13 @@ def kd_loss(s, t):
 
 
 def ikd_generator_loss(s, t, form):
-    mse = F.mse_loss(s, t)
+    mse = F.mse_loss(s, t.detach())   # released: the teacher is detached in this term
     return -torch.log(mse) if form == "log" else -mse
 
 
 def ikd_student_loss(s, t, form):
     if form == "log":
-        return torch.log(torch.norm(t - s, 2))
+        return torch.log(torch.norm(t - s, 2))   # Frobenius norm of the whole [B, K] difference
     return F.mse_loss(s, t)
 
 
@@ -56,7 +58,7 @@ def cross_entropy(logits, y, form):
 
 
 def supcon_loss(features, labels, temperature=0.07, base_temperature=0.07):
-    """Khosla et al. SupCon over N unit vectors: positives = same label, not self."""
+    """Khosla et al. SupCon over N vectors: positives = same label, not self."""
     n = features.shape[0]
     logits = features @ features.T / temperature
     logits = logits - logits.max(1, keepdim=True).values.detach()
@@ -81,7 +83,8 @@ class BNStatHook:
     def hook(self, module, inputs, output):
         if not self.enabled:
             return
-        x = inputs[0].float()
+        x = inputs[0]
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         c = x.shape[1]
         mean = x.mean([0, 2, 3])
         var = x.permute(1, 0, 2, 3).reshape(c, -1).var(1, unbiased=False)
@@ -89,24 +92,34 @@ class BNStatHook:
                           + torch.norm(module.running_mean - mean, 2))
 
 
-def _cfg(config, name, default=None):
-    """Attribute of an ml_collections ConfigDict or a plain namespace/dict."""
-    if isinstance(config, dict):
-        return config.get(name, default)
-    return getattr(config, name, default)
+def student_lr(config, step: int, steps_per_iteration: int) -> float:
+    """The student's learning rate at its `step`-th update (0-based); see the module doc."""
+    lr, warm, epochs = config.lr_student, config.warmup_epochs, config.epochs
+    per_epoch = config.epoch_itrs * steps_per_iteration
+    if config.student_schedule == "per_epoch":
+        e = step // per_epoch + 1
+        if e <= warm:
+            return lr * e / max(warm, 1)
+        return lr * 0.5 * (1 + math.cos(math.pi * (e - warm) / epochs))
+    total = epochs * per_epoch
+    w = min(warm * per_epoch, total - 1)
+    if step < w:
+        return lr * step / max(w, 1)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(step - w, total - w) / (total - w)))
 
 
 # ----------------------------------------------------------------------------- the iteration
 
 class TorchDFKD:
-    """Networks, optimizers and step functions of one benchmarked setting."""
+    """Networks, optimizers and step functions of one setting."""
 
     def __init__(self, config, teacher_arch: Optional[str] = None, device: Optional[str] = None,
-                 mode: str = "eager", seed: int = 0, channels_last: bool = False):
+                 mode: str = "eager", seed: int = 0, channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32):
         if mode not in ("eager", "compile"):
             raise ValueError(f"mode must be 'eager' or 'compile', got {mode!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.mode = mode
+        self.mode, self.dtype = mode, dtype
         torch.manual_seed(seed)
         c = config
         self.c = c
@@ -114,35 +127,38 @@ class TorchDFKD:
         self.batch, self.nz = c.batch_size, c.generator.nz
         self.g_steps, self.s_steps = c.g_steps, c.s_steps
         self.w = c.loss
-        self.amp = self.device.type == "cuda"
+        self.amp = self.device.type == "cuda" and dtype == torch.float32
         if self.amp:
             torch.backends.cudnn.benchmark = True
         mf = torch.channels_last if channels_last else torch.contiguous_format
+        place = dict(device=self.device, dtype=dtype)
 
-        self.G = GeneratorD(self.k, self.size, self.ch, self.nz, c.generator.ngf,
-                            c.generator.num_upsamples).to(self.device, memory_format=mf)
-        self.T = get_model(teacher_arch or c.teacher.arch, self.k, self.ch).to(self.device,
-                                                                               memory_format=mf)
-        self.S = get_model(c.student.arch, self.k, self.ch).to(self.device, memory_format=mf)
+        self.G = ConditionalGenerator(self.k, self.size, self.ch, self.nz, c.generator.ngf,
+                                      c.generator.num_upsamples).to(**place).to(memory_format=mf)
+        self.T = get_model(teacher_arch or c.teacher.arch, self.k, self.ch).to(**place).to(
+            memory_format=mf)
+        self.S = get_model(c.student.arch, self.k, self.ch).to(**place).to(memory_format=mf)
         self.T.eval()
         for p in self.T.parameters():
             p.requires_grad_(False)
         d_s = feature_dim(self.S, self.size, self.ch)
         d_t = feature_dim(self.T, self.size, self.ch)
-        self.A = FeatureAdapter(d_s, d_t).to(self.device) if d_s != d_t else None
+        self.A = FeatureAdapter(d_s, d_t).to(**place) if d_s != d_t else None
         self.hooks = [BNStatHook(m) for m in self.T.modules()
                       if isinstance(m, torch.nn.BatchNorm2d)]
 
-        # Student SGD + warm-up/cosine schedule per step (spec 4); the adapter steps with G.
         self.opt_S = torch.optim.SGD(self.S.parameters(), c.lr_student, momentum=c.momentum,
                                      weight_decay=c.weight_decay)
-        self.sched_S = torch.optim.lr_scheduler.LambdaLR(self.opt_S, self._schedule(c.s_steps))
-        self.opt_A = self.sched_A = None
+        self.student_updates = 0
+        self.train_adapter = self.A is not None and c.adapter_optimizer == "sgd"
+        self.opt_A = None
+        self.adapter_updates = 0
         if self.A is not None:
+            for p in self.A.parameters():
+                p.requires_grad_(self.train_adapter)
+        if self.train_adapter:
             self.opt_A = torch.optim.SGD(self.A.parameters(), c.lr_student, momentum=c.momentum,
                                          weight_decay=c.weight_decay)
-            self.sched_A = torch.optim.lr_scheduler.LambdaLR(self.opt_A,
-                                                             self._schedule(c.g_steps))
         self.persistent_adam = c.generator_optimizer == "persistent"
         self.opt_G = self._new_adam() if self.persistent_adam else None
         self.scaler_G = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -155,32 +171,21 @@ class TorchDFKD:
             self._s_loss = torch.compile(self._student_loss)
 
     # -- helpers
-    def _schedule(self, steps_per_iteration):
-        c = self.c
-        per_epoch = c.epoch_itrs * steps_per_iteration
-        total = c.epochs * per_epoch
-        warm = min(c.warmup_epochs * per_epoch, total - 1)
-
-        def factor(step):
-            if step < warm:
-                return step / max(warm, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / (total - warm)))
-        return factor
-
     def _new_adam(self):
         return torch.optim.Adam(self.G.parameters(), self.c.lr_generator,
-                                betas=(self.c.adam_b1, self.c.adam_b2),
-                                eps=_cfg(self.c, "adam_eps", 1e-8))
+                                betas=(self.c.adam_b1, self.c.adam_b2), eps=self.c.adam_eps)
 
     def _autocast(self):
         if self.amp:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def _sample(self):
-        z = torch.randn(self.batch, self.nz, device=self.device)
-        y = torch.randint(0, self.k, (self.batch,), device=self.device)
-        return z, y
+    def _sample(self, z, y):
+        if z is None:
+            z = torch.randn(self.batch, self.nz, device=self.device, dtype=self.dtype)
+            y = torch.randint(0, self.k, (self.batch,), device=self.device)
+        return (torch.as_tensor(z, dtype=self.dtype, device=self.device),
+                torch.as_tensor(y, dtype=torch.long, device=self.device))
 
     def sync(self):
         if self.device.type == "cuda":
@@ -193,34 +198,52 @@ class TorchDFKD:
             x = self.G(z, y)
             t_logits, t_feat = self.T(x, features=True)
             s_logits, s_feat = self.S(x, features=True)
-        t_logits, s_logits = t_logits.float(), s_logits.float()
-        loss = -w.kd * kd_loss(s_logits, t_logits)
-        loss = loss + w.alpha * ikd_generator_loss(s_logits, t_logits, w.ikd_form)
+        t_logits, s_logits = t_logits.to(self.dtype), s_logits.to(self.dtype)
+        terms = {}
+        loss = 0.0
+        if w.kd > 0:
+            terms["kd"] = kd_loss(s_logits, t_logits)
+            loss = loss - w.kd * terms["kd"]
+        if w.alpha > 0:
+            terms["ikd"] = ikd_generator_loss(s_logits, t_logits, w.ikd_form)
+            loss = loss + w.alpha * terms["ikd"]
         if w.beta > 0:
-            loss = loss + w.beta * sum(h.r_feature for h in self.hooks)
+            terms["bn"] = sum(h.r_feature for h in self.hooks)
+            loss = loss + w.beta * terms["bn"]
         if w.gamma > 0:
-            v_s = F.normalize(s_feat.float(), dim=1)
+            v_s = F.normalize(s_feat.to(self.dtype), dim=1)
             if self.A is not None:
-                v_s = F.normalize(self.A(v_s), dim=1)
-            feats = torch.cat([v_s, F.normalize(t_feat.float(), dim=1)])
-            loss = loss + w.gamma * supcon_loss(feats, torch.cat([y, y]), w.temperature,
-                                                w.base_temperature)
+                v_s = self.A(v_s)   # released: the head's raw output is the student's view
+            feats = torch.cat([v_s, F.normalize(t_feat.to(self.dtype), dim=1)])
+            terms["supcon"] = supcon_loss(feats, torch.cat([y, y]), w.temperature,
+                                          w.base_temperature)
+            loss = loss + w.gamma * terms["supcon"]
         if w.eta > 0:
-            loss = loss + w.eta * cross_entropy(t_logits, y, w.ce_form)
-        return loss
+            terms["ce"] = cross_entropy(t_logits, y, w.ce_form)
+            loss = loss + w.eta * terms["ce"]
+        terms["teacher_agrees"] = (t_logits.argmax(1) == y).to(self.dtype).mean()
+        return loss, terms
 
     def _student_loss(self, z, y):
         w = self.w
         with torch.no_grad(), self._autocast():
             x = self.G(z, y)             # G in training mode: batch statistics, running stats move
-            t_logits = self.T(x).float()
+            t_logits = self.T(x).to(self.dtype)
         with self._autocast():
-            s_logits = self.S(x).float()
-        loss = w.kd * kd_loss(s_logits, t_logits)
-        loss = loss + w.alpha * ikd_student_loss(s_logits, t_logits, w.ikd_form)
+            s_logits = self.S(x).to(self.dtype)
+        terms = {}
+        loss = 0.0
+        if w.kd > 0:
+            terms["kd"] = kd_loss(s_logits, t_logits)
+            loss = loss + w.kd * terms["kd"]
+        if w.alpha > 0:
+            terms["ikd"] = ikd_student_loss(s_logits, t_logits, w.ikd_form)
+            loss = loss + w.alpha * terms["ikd"]
         if w.eta > 0:
-            loss = loss + w.eta * cross_entropy(s_logits, y, w.ce_form)
-        return loss
+            terms["ce"] = cross_entropy(s_logits, y, w.ce_form)
+            loss = loss + w.eta * terms["ce"]
+        terms["agreement"] = (s_logits.argmax(1) == t_logits.argmax(1)).to(self.dtype).mean()
+        return loss, terms
 
     # -- steps
     def _set_phase(self, generator: bool):
@@ -231,44 +254,48 @@ class TorchDFKD:
         for h in self.hooks:
             h.enabled = generator and self.w.beta > 0
 
-    def generator_step(self):
-        z, y = self._sample()
+    def generator_step(self, z=None, y=None) -> Dict[str, torch.Tensor]:
+        self._set_phase(True)
+        z, y = self._sample(z, y)
         opt = self.opt_G if self.persistent_adam else self._new_adam()  # released: new Adam
-        loss = self._g_loss(z, y)
+        loss, terms = self._g_loss(z, y)
         opt.zero_grad(set_to_none=True)
         if self.opt_A is not None:
             self.opt_A.zero_grad(set_to_none=True)
+            for group in self.opt_A.param_groups:   # the adapter steps once per generator step
+                group["lr"] = student_lr(self.c, self.adapter_updates, self.g_steps)
         self.scaler_G.scale(loss).backward()
         self.scaler_G.step(opt)
         if self.opt_A is not None:
             self.scaler_G.step(self.opt_A)
-            self.sched_A.step()
+            self.adapter_updates += 1
         self.scaler_G.update()
-        return loss.detach()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 
-    def student_step(self):
-        z, y = self._sample()
-        loss = self._s_loss(z, y)
+    def student_step(self, z=None, y=None) -> Dict[str, torch.Tensor]:
+        self._set_phase(False)
+        z, y = self._sample(z, y)
+        for group in self.opt_S.param_groups:
+            group["lr"] = student_lr(self.c, self.student_updates, self.s_steps)
+        loss, terms = self._s_loss(z, y)
         self.opt_S.zero_grad(set_to_none=True)
         self.scaler_S.scale(loss).backward()
         self.scaler_S.step(self.opt_S)
         self.scaler_S.update()
-        self.sched_S.step()
-        return loss.detach()
+        self.student_updates += 1
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 
     def generator_phase(self):
-        self._set_phase(True)
         return [self.generator_step() for _ in range(self.g_steps)]
 
     def student_phase(self):
-        self._set_phase(False)
         return [self.student_step() for _ in range(self.s_steps)]
 
     def iteration(self):
         """One full DFKD iteration; returns the last generator and student losses (tensors)."""
         g = self.generator_phase()
         s = self.student_phase()
-        return g[-1], s[-1]
+        return g[-1]["loss"], s[-1]["loss"]
 
     def count_flops(self) -> Optional[int]:
         """Matmul/conv FLOPs of one iteration (forward + backward) by torch's FlopCounterMode."""

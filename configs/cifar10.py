@@ -1,4 +1,4 @@
-"""CIFAR-10, ResNet-34 teacher -> ResNet-18 student: the released command (spec section 5) with
+"""CIFAR-10, ResNet-34 teacher -> ResNet-18 student: the released command (docs/method.md §5) with
 the CIFAR-10 log-form IKD.
 
     python scripts/train.py --config configs/cifar10.py --workdir W \

@@ -1,4 +1,4 @@
-"""CIFAR-100, ResNet-34 teacher -> ResNet-18 student: the released command (spec section 5),
+"""CIFAR-100, ResNet-34 teacher -> ResNet-18 student: the released command (docs/method.md §5),
 with the MSE-form IKD the released code uses for every dataset but CIFAR-10.
 
     python scripts/train.py --config configs/cifar100.py --workdir W \

@@ -3,21 +3,16 @@
 The teacher (small_cnn, 3 BatchNorm layers) is trained on the digits train split when its
 checkpoint is absent; distillation itself never reads a training image. Weights differ from the
 released CIFAR command on purpose: with a 3-BN teacher the BN-statistics term has little grip and
-the released alpha=5 log-IKD lets the adversarial game run away (spec section 7), so alpha is small.
+the released alpha=5 log-IKD lets the adversarial game run away (docs/method.md §7), so alpha is small.
 """
-import ml_collections
-
-from cpsc_jax.config_defaults import distillation_config
-from cpsc_jax.data import NORMALIZATION
+from cpsc_jax.config_defaults import distillation_config, teacher_config
 
 
 def get_config():
     c = distillation_config("digits", teacher="small_cnn", student="small_cnn_half")
     c.teacher.train_if_missing = True   # WORKDIR/teacher is trained first when absent
-    c.teacher.training = ml_collections.ConfigDict(dict(
-        arch="small_cnn", data=c.data, mean=NORMALIZATION["digits"][0],
-        std=NORMALIZATION["digits"][1], batch_size=64, epochs=30, lr=0.05, momentum=0.9,
-        weight_decay=5e-4, crop_padding=1, flip=False, seed=0))
+    c.teacher.training = teacher_config("digits")
+    c.teacher.training.data = c.data   # one data block: an override reaches both
     c.generator.nz = 64
     c.generator.ngf = 32
     c.batch_size = 128

@@ -1,6 +1,6 @@
 """MNIST (resized to 32x32), LeNet-5 with BatchNorm teacher -> LeNet-5-half student, sized for a CPU.
 
-The teacher has only 3 BatchNorm layers, so, as for the digits default (spec section 7), the
+The teacher has only 3 BatchNorm layers, so, as for the digits default (docs/method.md §7), the
 adversarial IKD weight is small; MSE-form IKD as in the released code for non-CIFAR-10 data.
 
     python scripts/train.py --config configs/mnist.py --workdir W \

@@ -156,11 +156,12 @@ class JaxRunner:
 
     def __init__(self, config, num_devices: Optional[int] = None, phases: bool = True,
                  donate: bool = True, seed: int = 0, log: Callable[[str], None] = print):
-        from cpsc_jax import steps
+        from cpsc_jax import runtime, steps
         from cpsc_jax.checkpoint import ModelSpec, init_variables
 
         self.config = config
-        self.num_devices = num_devices or jax.local_device_count()
+        topo = runtime.topology(num_devices)
+        self.num_devices = topo.num_devices
         self.unroll = steps.scan_unroll(config)
         n = self.num_devices
         nets = steps.build_networks(config, config.teacher.arch)
@@ -172,9 +173,9 @@ class JaxRunner:
         # replicated like the iteration's outputs, or the second call would recompile.
         state = jax.jit(functools.partial(steps.init_state, nets, config))(k_state)
         teacher_vars = init_variables(teacher_spec, k_teacher)   # compiled once, in checkpoint
-        self.state = steps.replicate(state, n)
-        self.teacher_vars = steps.replicate(teacher_vars, n)
-        self.ids = steps.device_ids(n)
+        self.state = runtime.replicate(state, topo)
+        self.teacher_vars = runtime.replicate(teacher_vars, topo)
+        self.ids = topo.device_ids()
         self.has_adapter = nets.adapter is not None
 
         fns = {"iteration": steps.make_train_iteration(nets, config, n, donate=donate)}

@@ -1,4 +1,5 @@
-"""The run config of a distillation, with the released command's values (spec section 5).
+"""Config defaults: a distillation run with the released command's values (docs/method.md §5),
+and a teacher-training run with the released recipe per dataset.
 
 Every `configs/*.py` starts from `distillation_config(...)` and changes only what differs, so
 every config has every field (command-line overrides such as `--config.data.protocol=holdout`
@@ -9,6 +10,7 @@ Fields:
     data.{name, dir, protocol, extra_eval, tfds_dir}   see `cpsc_jax.data`
     num_classes, image_size, channels                  from the dataset
     teacher.{arch, checkpoint, train_if_missing}       checkpoint empty: WORKDIR/teacher
+    teacher.training      (configs that train their teacher) a teacher_config(...)
     student.arch
     generator.{nz, ngf, num_upsamples}                 latent size, width, 2x upsampling stages
     batch_size (global), epochs, epoch_itrs, g_steps, s_steps
@@ -18,17 +20,74 @@ Fields:
     generator_optimizer   "reset" (released: a new Adam every step) or "persistent"
     generator_schedule    for "persistent": "constant" or "cosine"
     adapter_optimizer     "frozen" (released: the adapter never changes) or "sgd"
-    loss.{kd, alpha, beta, gamma, eta}                 loss weights; 0 removes the term
+    loss.{kd, alpha, beta, gamma, eta, student_eta}    loss weights; 0 removes the term
+                          (eta: the generator's CE on the teacher; student_eta: the student's)
     loss.ikd_form         "log" (released for CIFAR-10) or "mse" (released elsewhere)
-    loss.ce_form          "double_softmax" (released: softmax fed to CE) or "plain"
+    loss.ce_form, loss.student_ce_form
+                          "double_softmax" (released: softmax fed to CE) or "plain", per phase
     loss.{temperature, base_temperature}               SupCon
     mixed_precision       bfloat16 compute, float32 parameters and losses
     scan_unroll           0 auto, 1 lax.scan, 2 straight-line steps (see steps.scan_unroll)
     eval_batch_size, log_every, sample_columns
+    log_conditioning      also log each generator term's pull on the class embeddings at every
+                          evaluation (cpsc_jax.diagnostics; costs a few seconds of compilation)
 """
 import ml_collections
 
 from cpsc_jax.data import dataset_info
+
+# Teacher recipes per dataset: the released one (SGD 0.1, momentum 0.9, weight decay 5e-4,
+# cosine, crops after 4-pixel padding, flips) where the literature uses it; smaller settings
+# for the digit datasets (no flips: digits are not mirror-symmetric).
+TEACHER_RECIPES = {
+    "digits": dict(arch="small_cnn", batch_size=64, epochs=30, lr=0.05, crop_padding=1, flip=False),
+    "mnist": dict(arch="lenet5_bn", batch_size=128, epochs=6, lr=0.05, crop_padding=2, flip=False),
+    "cifar10": dict(arch="resnet34", batch_size=128, epochs=200, lr=0.1, crop_padding=4, flip=True),
+    "cifar100": dict(arch="resnet34", batch_size=128, epochs=200, lr=0.1, crop_padding=4, flip=True),
+    "svhn": dict(arch="resnet34", batch_size=128, epochs=50, lr=0.1, crop_padding=4, flip=False),
+    "tiny_imagenet": dict(arch="resnet34", batch_size=128, epochs=200, lr=0.1, crop_padding=4,
+                          flip=True),
+}
+
+
+def data_config(dataset: str) -> ml_collections.ConfigDict:
+    """The `data` block of every run config (see cpsc_jax.data)."""
+    dataset_info(dataset)
+    return ml_collections.ConfigDict(dict(name=dataset, dir="", protocol="standard",
+                                          extra_eval="", tfds_dir=""))
+
+
+def teacher_config(dataset: str, arch: str = "", **overrides) -> ml_collections.ConfigDict:
+    """A teacher-training run (cpsc_jax.teacher_training) on `dataset`'s train split.
+
+    Fields: arch, data (see data_config), mean/std (the dataset's normalisation), batch_size
+    (global), epochs, lr, momentum, weight_decay, crop_padding (random crop after zero
+    padding; 0: none), flip, seed, eval_every (epochs), eval_batch_size, steps_per_call (train
+    steps per device call; 0: auto), log_every_s, checkpoint_min_interval_s (tiny runs do not
+    save after every epoch).
+    """
+    info = dataset_info(dataset)
+    recipe = TEACHER_RECIPES[dataset]
+    c = ml_collections.ConfigDict()
+    c.arch = arch or recipe["arch"]
+    c.data = data_config(dataset)
+    c.mean, c.std = tuple(info.mean), tuple(info.std)
+    c.batch_size = recipe["batch_size"]
+    c.epochs = recipe["epochs"]
+    c.lr = recipe["lr"]
+    c.momentum = 0.9
+    c.weight_decay = 5e-4
+    c.crop_padding = recipe["crop_padding"]
+    c.flip = recipe["flip"]
+    c.seed = 0
+    c.eval_every = 1
+    c.eval_batch_size = 500
+    c.steps_per_call = 0
+    c.log_every_s = 30.0
+    c.checkpoint_min_interval_s = 10.0
+    for k, v in overrides.items():
+        c[k] = v
+    return c
 
 
 def distillation_config(dataset: str, teacher: str = "resnet34",
@@ -36,8 +95,7 @@ def distillation_config(dataset: str, teacher: str = "resnet34",
     info = dataset_info(dataset)
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.data = ml_collections.ConfigDict(dict(name=dataset, dir="", protocol="standard",
-                                            extra_eval="", tfds_dir=""))
+    c.data = data_config(dataset)
     c.num_classes = info.num_classes
     c.image_size = info.image_size
     c.channels = info.channels
@@ -67,13 +125,15 @@ def distillation_config(dataset: str, teacher: str = "resnet34",
     c.adapter_optimizer = "frozen"
 
     c.loss = ml_collections.ConfigDict(dict(
-        kd=1.0, alpha=5.0, beta=1.0, gamma=0.7, eta=0.7,
+        kd=1.0, alpha=5.0, beta=1.0, gamma=0.7, eta=0.7, student_eta=0.7,
         ikd_form="log" if dataset == "cifar10" else "mse",
-        ce_form="double_softmax", temperature=0.07, base_temperature=0.07))
+        ce_form="double_softmax", student_ce_form="double_softmax",
+        temperature=0.07, base_temperature=0.07))
 
     c.mixed_precision = False
     c.scan_unroll = 0
     c.eval_batch_size = 500
     c.log_every = 10
     c.sample_columns = 8
+    c.log_conditioning = False
     return c

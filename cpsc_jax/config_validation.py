@@ -1,8 +1,13 @@
 """Checks a run config before anything is built, with messages that say what would be right."""
+import math
+
+from cpsc_jax.errors import UserError
+from cpsc_jax.losses import CE_FORMS
+
 from cpsc_jax.models import available_models
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is invalid; the message names the field, the value and what is allowed."""
 
 
@@ -24,8 +29,8 @@ def validate_config(config, num_devices: int = 1) -> None:
         _check(isinstance(value, int) and value >= 1,
                f"config.{field} must be an integer >= 1, got {value!r}")
     _check(config.batch_size % num_devices == 0,
-           f"config.batch_size={config.batch_size} is not divisible by the {num_devices} local "
-           f"devices; use a multiple of {num_devices}")
+           f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices "
+           f"(all processes); use a multiple of {num_devices}")
     _check(config.warmup_epochs >= 0 and config.warmup_epochs <= config.epochs,
            f"config.warmup_epochs must be in [0, epochs={config.epochs}], got {config.warmup_epochs!r}")
     for field in ("lr_student", "lr_generator"):
@@ -44,12 +49,14 @@ def validate_config(config, num_devices: int = 1) -> None:
     _check(config.adapter_optimizer in ("frozen", "sgd"),
            f"config.adapter_optimizer must be 'frozen' (released) or 'sgd', got {config.adapter_optimizer!r}")
     loss = config.loss
-    for field in ("kd", "alpha", "beta", "gamma", "eta"):
+    for field in ("kd", "alpha", "beta", "gamma", "eta", "student_eta"):
         _check(loss[field] >= 0, f"config.loss.{field} is a loss weight and must be >= 0 "
                                  f"(0 switches the term off), got {loss[field]!r}")
     _check(loss.ikd_form in ("log", "mse"), f"config.loss.ikd_form must be 'log' or 'mse', got {loss.ikd_form!r}")
-    _check(loss.ce_form in ("double_softmax", "plain"),
-           f"config.loss.ce_form must be 'double_softmax' (released) or 'plain', got {loss.ce_form!r}")
+    for field in ("ce_form", "student_ce_form"):
+        _check(loss[field] in CE_FORMS,
+               f"config.loss.{field} must be one of {', '.join(CE_FORMS)} (released: "
+               f"double_softmax), got {loss[field]!r}")
     _check(loss.temperature > 0 and loss.base_temperature > 0,
            "config.loss.temperature and base_temperature must be > 0")
     gen = config.generator
@@ -62,17 +69,74 @@ def validate_config(config, num_devices: int = 1) -> None:
            f"config.scan_unroll must be 0 (auto), 1 (lax.scan) or 2 (unrolled), got {config.scan_unroll!r}")
 
 
-def validate_teacher(config, spec) -> None:
-    """The teacher checkpoint must match the run: classes, image size, channels."""
-    _check(spec.num_classes == config.num_classes,
-           f"class count mismatch: the teacher checkpoint has {spec.num_classes} classes but "
+def validate_teacher(config, teacher) -> None:
+    """The teacher (a `cpsc_jax.teacher.Teacher`) must match the run: classes, input size and
+    channels, BatchNorm when the BN-statistics term is on, finite weights."""
+    _check(teacher.num_classes == config.num_classes,
+           f"class count mismatch: the teacher has {teacher.num_classes} classes but "
            f"config.num_classes={config.num_classes}")
-    _check(spec.image_size == config.image_size and spec.channels == config.channels,
-           f"the teacher expects {spec.image_size}x{spec.image_size}x{spec.channels} inputs but the "
-           f"config says {config.image_size}x{config.image_size}x{config.channels}")
-    if config.loss.beta > 0 and not spec.has_batchnorm():
-        raise ConfigError(f"config.loss.beta={config.loss.beta} needs BatchNorm layers in the teacher, "
-                          f"but {spec.arch!r} has none: use a BN variant (e.g. lenet5_bn) or set "
-                          "--config.loss.beta=0")
-    _check(spec.arch == config.teacher.arch,
-           f"the teacher checkpoint is a {spec.arch!r} but config.teacher.arch={config.teacher.arch!r}")
+    _check(teacher.image_size == config.image_size and teacher.channels == config.channels,
+           f"the teacher expects {teacher.image_size}x{teacher.image_size}x{teacher.channels} "
+           f"inputs but the config says {config.image_size}x{config.image_size}x{config.channels}")
+    if config.loss.beta > 0 and not teacher.has_batchnorm():
+        raise ConfigError(f"config.loss.beta={config.loss.beta} needs BatchNorm layers in the "
+                          f"teacher, but {teacher.name!r} has none: use a BN variant (e.g. "
+                          "lenet5_bn) or set --config.loss.beta=0")
+    if teacher.arch is not None:
+        _check(teacher.arch == config.teacher.arch,
+               f"the teacher checkpoint is a {teacher.arch!r} but config.teacher.arch="
+               f"{config.teacher.arch!r}; set --config.teacher.arch={teacher.arch}")
+    import jax
+    import numpy as np
+    finite = all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(teacher.variables))
+    _check(finite, f"the teacher ({teacher.path or teacher.name}) has non-finite (NaN/inf) "
+                   "weights: train or convert it again")
+    check_input_size(config.student.arch, config.num_classes, config.image_size, config.channels)
+
+
+def check_input_size(arch: str, num_classes: int, image_size: int, channels: int) -> None:
+    """Refuses a network too deep for the input size, naming the smallest size it takes (the
+    initialisers would otherwise fail inside with e.g. a ZeroDivisionError)."""
+    from cpsc_jax.models import min_input_size
+    smallest = min_input_size(arch, num_classes, channels)
+    _check(image_size >= smallest,
+           f"{arch} needs inputs of at least {smallest}x{smallest} pixels; this data is "
+           f"{image_size}x{image_size} (choose a smaller network, e.g. small_cnn for 8x8 digits)")
+
+
+def validate_teacher_config(config, spec, num_train: int, topology) -> None:
+    """A teacher-training config against its data and devices (cpsc_jax.teacher_training)."""
+    models = available_models()
+    _check(config.arch in models,
+           f"config.arch: unknown model {config.arch!r}; valid names: {', '.join(models)}")
+    for field in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
+        value = config[field]
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+               f"config.{field} must be an integer >= 1, got {value!r}")
+    _check(config.batch_size % topology.num_devices == 0,
+           f"config.batch_size={config.batch_size} is not divisible by the "
+           f"{topology.describe()}; use a multiple of {topology.num_devices}")
+    _check(config.batch_size <= num_train,
+           f"config.batch_size={config.batch_size} exceeds the {num_train} training images; use "
+           f"at most {num_train}")
+    _check(_finite(config.lr) and config.lr > 0,
+           f"config.lr must be a number > 0, got {config.lr!r}")
+    _check(_finite(config.momentum) and 0 <= config.momentum < 1,
+           f"config.momentum must be in [0, 1), got {config.momentum!r}")
+    _check(_finite(config.weight_decay) and config.weight_decay >= 0,
+           f"config.weight_decay must be >= 0, got {config.weight_decay!r}")
+    _check(isinstance(config.crop_padding, int) and 0 <= config.crop_padding <= spec.image_size,
+           f"config.crop_padding must be an integer in [0, {spec.image_size}], got "
+           f"{config.crop_padding!r}")
+    _check(isinstance(config.steps_per_call, int) and config.steps_per_call >= 0,
+           f"config.steps_per_call must be an integer >= 0 (0: automatic), got "
+           f"{config.steps_per_call!r}")
+    _check(len(spec.mean) == spec.channels and len(spec.std) == spec.channels,
+           f"config.mean/std have {len(spec.mean)}/{len(spec.std)} values; the "
+           f"{config.data.name} images have {spec.channels} channel(s)")
+    _check(all(_finite(s) and s > 0 for s in spec.std), f"config.std must be > 0, got {spec.std}")
+    check_input_size(spec.arch, spec.num_classes, spec.image_size, spec.channels)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -27,16 +27,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cpsc_jax.data.base import NORMALIZATION
+from cpsc_jax.data import registry
+from cpsc_jax.errors import UserError
 
-# Input normalisation the published teachers were trained with (spec §2 and the released code).
-# mean/std per channel; image_size is the side the networks see (MNIST is resized to 32x32).
-DATASETS: Dict[str, Dict[str, Any]] = {
-    name: {"mean": NORMALIZATION[name][0], "std": NORMALIZATION[name][1],
-           "image_size": 64 if name == "tiny_imagenet" else 32,
-           "channels": len(NORMALIZATION[name][0])}
-    for name in ("cifar10", "cifar100", "mnist", "tiny_imagenet", "svhn")
-}
+# Datasets whose normalisation (and image size) a converted teacher can take by name.
+DATASETS = ("cifar10", "cifar100", "mnist", "tiny_imagenet", "svhn")
 
 # Keys under which training scripts nest the model's state_dict (CMI/Fast: "state_dict" next to
 # "best_acc1"/"optimizer"; option-A ResNets: "state_dict" + "best_prec1"; others below).
@@ -53,7 +48,7 @@ _TORCH_TO_FLAX_LEAF = {"running_mean": ("batch_stats", "mean"),
                        "running_var": ("batch_stats", "var"), "bias": ("params", "bias")}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A user-facing conversion problem; its message is meant to be printed as is."""
 
 
@@ -414,10 +409,10 @@ def resolve_normalisation(arch: str, dataset: Optional[str] = None, mean=None, s
         if dataset not in DATASETS:
             raise ConversionError(f"unknown dataset {dataset!r}; choose one of "
                                   f"{', '.join(DATASETS)} or give --mean/--std")
-        d = DATASETS[dataset]
-        mean = d["mean"] if mean is None else mean
-        std = d["std"] if std is None else std
-        image_size = image_size or d["image_size"]
+        d = registry.get(dataset)
+        mean = d.mean if mean is None else mean
+        std = d.std if std is None else std
+        image_size = image_size or d.image_size
     if mean is None or std is None:
         raise ConversionError(
             "give --dataset (" + ", ".join(DATASETS) + ") or both --mean and --std: the "
@@ -479,8 +474,12 @@ def export_student(checkpoint: str, output: str, meta_json: Optional[str] = "aut
     if os.path.dirname(output):
         os.makedirs(os.path.dirname(output), exist_ok=True)
     tmp = output + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, output)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):   # a failed write leaves nothing behind
+            os.remove(tmp)
     if meta_json == "auto":
         meta_json = os.path.splitext(output)[0] + ".json"
     if meta_json:

@@ -42,11 +42,20 @@ def predict_labels(model, variables, images: np.ndarray, mean, std,
 
 
 def accuracy(model, variables, split: data_lib.Split, mean, std, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent (nan for an empty split)."""
+    """Top-1 accuracy in percent (nan for an empty split). In a multi-process run every process
+    evaluates its own contiguous share of the images and the counts are summed across them."""
     if len(split) == 0:
         return float("nan")
-    preds = predict_labels(model, variables, split.images, mean, std, batch_size)
-    return 100.0 * float(np.mean(preds == split.labels))
+    n, p, i = len(split), jax.process_count(), jax.process_index()
+    lo, hi = n * i // p, n * (i + 1) // p
+    correct = 0
+    if hi > lo:
+        preds = predict_labels(model, variables, split.images[lo:hi], mean, std, batch_size)
+        correct = int(np.sum(preds == split.labels[lo:hi]))
+    if p > 1:
+        from jax.experimental import multihost_utils
+        correct = int(np.sum(multihost_utils.process_allgather(np.asarray(correct, np.int64))))
+    return 100.0 * correct / n
 
 
 def accuracy_report(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> Dict[str, Any]:

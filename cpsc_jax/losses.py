@@ -92,16 +92,27 @@ def two_view_supcon_loss(student_view, teacher_view, labels, temperature: float 
     return supcon_loss(features, jnp.concatenate([labels, labels]), temperature, base_temperature)
 
 
+CE_FORMS = ("double_softmax", "plain", "disagreeing")
+
+
 def cross_entropy_loss(logits, labels, form: str):
-    """CE of the pseudo-labels. 'double_softmax' is the released code (softmax fed to a CE that
-    applies softmax again); 'plain' is CE on the logits."""
+    """CE of the pseudo-labels, batch mean.
+
+    'double_softmax': the released code (softmax fed to a CE that applies softmax again; its
+    gradient vanishes where the network is sure of another class). 'plain': CE on the logits.
+    'disagreeing': plain CE counted only on the images whose argmax is not yet the label (zero
+    once it is): it pulls each image into its class without pushing it on towards the class's
+    most confident prototype."""
     logits = at_least_float32(logits)
     if form == "double_softmax":
         logits = jax.nn.softmax(logits, -1)
-    elif form != "plain":
-        raise ValueError(f"ce_form must be 'double_softmax' or 'plain', got {form!r}")
+    elif form not in ("plain", "disagreeing"):
+        raise ValueError(f"ce_form must be one of {', '.join(CE_FORMS)}, got {form!r}")
     log_p = jax.nn.log_softmax(logits, -1)
-    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
+    nll = -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+    if form == "disagreeing":
+        nll = jnp.where(jnp.argmax(logits, -1) != labels, nll, 0.0)
+    return jnp.mean(nll)
 
 
 def l2_normalize(x, eps: float = 1e-12):

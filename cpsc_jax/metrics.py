@@ -15,23 +15,42 @@ def _plain(value):
 
 
 class JsonlWriter:
-    """Appends one JSON object per record. On resume, records past the restored step are dropped
-    so that a re-run after a crash leaves the same file as an uninterrupted run."""
+    """Appends one JSON object per record to a file (process 0 only: `enabled=False` on the
+    others).
 
-    def __init__(self, path: str, resume_step: Optional[int] = None):
-        self.path = path
+    On resume (`resume_step` set) records past the restored step are dropped, so that a run
+    resumed after a crash leaves the same file as an uninterrupted one (the epoch record is
+    written before the checkpoint that follows it, so a kill in between only repeats it); a
+    line torn by a kill is dropped too. A fresh run (`resume_step` None) starts a new file."""
+
+    def __init__(self, path: str, resume_step: Optional[int] = None, enabled: bool = True,
+                 step_key: str = "step"):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
         if resume_step is not None and os.path.exists(path):
+            kept = []
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue   # torn by a kill mid-write
+                    if record.get(step_key, 0) <= resume_step:
+                        kept.append(json.dumps(record) + "\n")
+            with open(path + ".tmp", "w") as f:
                 f.writelines(kept)
+            os.replace(path + ".tmp", path)
         elif resume_step is None and os.path.exists(path):
             os.remove(path)
 
     def write(self, step: int, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
 
 
 def format_duration(seconds: float) -> str:
@@ -47,8 +66,8 @@ class Progress:
     """Iterations per second and ETA measured from the first iteration timed in this process
     (so compilation and a resumed run's earlier iterations do not distort them)."""
 
-    def __init__(self, total: int, start: int, stream=sys.stdout):
-        self.total, self.start, self.stream = total, start, stream
+    def __init__(self, total: int, start: int, stream=sys.stdout, enabled: bool = True):
+        self.total, self.start, self.stream, self.enabled = total, start, stream, enabled
         self.t0: Optional[float] = None
         self.i0 = start
 
@@ -60,5 +79,6 @@ class Progress:
         rate = (step - self.i0) / max(time.time() - self.t0, 1e-9) if self.t0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         msg = f"[{step:>6d}/{self.total}] {text} | {rate:.1f} it/s, ETA {format_duration(eta)}"
-        print(msg, file=self.stream, flush=True)
+        if self.enabled:
+            print(msg, file=self.stream, flush=True)
         return msg

@@ -1,9 +1,12 @@
-"""The CPSC-DFKD iteration: G_steps generator steps then S_steps student steps (spec section 4),
-in one jitted, pmapped function: one dispatch per iteration, no host sync inside.
+"""The CPSC-DFKD iteration: G_steps generator steps then S_steps student steps (docs/method.md
+§4), in one jitted, pmapped function (`cpsc_jax.runtime.data_parallel`): one dispatch per
+iteration, no host sync inside.
 
 Train state goes in and out unreplicated (`in_axes=None`, `out_axes=None`); each device draws its
-slice of the same global batch of (z, y), and gradients, BatchNorm moments, losses and metrics are
-global-batch quantities, so any device count gives the same result for the same global batch.
+slice of the same global batch of (z, y) by its global index (`jax.lax.axis_index`, global
+across processes), and gradients, BatchNorm moments, losses and metrics are global-batch
+quantities, so any number of processes x devices gives the same result for the same global
+batch.
 """
 import dataclasses
 import functools
@@ -13,15 +16,14 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cpsc_jax import losses
+from cpsc_jax import objectives, runtime
 from cpsc_jax.dtypes import at_least_float32
-from cpsc_jax.models import BN_MOMENTS, ConditionalGenerator, FeatureAdapter, get_model
+from cpsc_jax.models import ConditionalGenerator, FeatureAdapter, get_model
 from cpsc_jax.train_state import (TrainState, adapter_optimizer, generator_optimizer,
                                   student_optimizer)
 
-AXIS = "batch"
+AXIS = runtime.AXIS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,28 +45,34 @@ class DistillState:
     adapter: Optional[TrainState]
 
 
-def build_networks(config, teacher_arch: str, feature_dims: Optional[Tuple[int, int]] = None,
+def build_networks(config, teacher, feature_dims: Optional[Tuple[int, int]] = None,
                    axis_name: Optional[str] = AXIS) -> Networks:
-    """Networks for distillation. `feature_dims` = (student, teacher) feature widths; an adapter
-    is added when they differ."""
+    """Networks for distillation; `teacher` is a `cpsc_jax.teacher.Teacher` or a registry name.
+    `feature_dims` = (student, teacher) feature widths; an adapter is added when they differ."""
     dtype = jnp.bfloat16 if config.mixed_precision else None
     k = config.num_classes
     gen = ConditionalGenerator(k, config.image_size, config.channels, config.generator.nz,
                                config.generator.ngf, config.generator.num_upsamples,
                                axis_name=axis_name, dtype=dtype)
     student = get_model(config.student.arch, k, axis_name=axis_name, dtype=dtype)
-    teacher = get_model(teacher_arch, k, axis_name=axis_name, dtype=dtype)
+    if isinstance(teacher, str):
+        teacher_net = get_model(teacher, k, axis_name=axis_name, dtype=dtype)
+        unbound_teacher = get_model(teacher, k)
+    else:
+        teacher_net = teacher.build(axis_name, dtype)
+        unbound_teacher = teacher.build(None, None)
     if feature_dims is None:
-        feature_dims = (feature_dim(student, config), feature_dim(teacher, config))
+        feature_dims = (feature_dim(get_model(config.student.arch, k), config),
+                        feature_dim(unbound_teacher, config))
     d_s, d_t = feature_dims
     adapter = FeatureAdapter(d_s, d_t) if d_s != d_t else None
-    return Networks(gen, student, teacher, adapter)
+    return Networks(gen, student, teacher_net, adapter)
 
 
 def feature_dim(model: nn.Module, config) -> int:
+    """Width of the pooled feature of an (axis-free) classifier, by shape tracing."""
     x = jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
-    unbound = model.clone(axis_name=None)
-    shapes = jax.eval_shape(lambda: unbound.init_with_output(jax.random.PRNGKey(0), x, features=True))
+    shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x, features=True))
     return shapes[0][1].shape[-1]
 
 
@@ -107,46 +115,16 @@ def _generate(nets, gen: TrainState, params, z, y):
 
 def generator_step(nets: Networks, config, num_devices: int, teacher_vars, device_index,
                    carry, rng):
-    """One generator update: minimise -KD + a*IKD_G + b*BN + g*SupCon + e*CE(teacher)."""
+    """One generator update on `objectives.generator_objective` (fresh z, y)."""
     gen, stu, ada = carry
-    w = config.loss
     z, y = sample_conditioning(rng, config, device_index, num_devices)
+    student_vars = {"params": stu.params, "batch_stats": stu.batch_stats}
 
     def loss_fn(g_params, a_params):
         x, g_stats = _generate(nets, gen, g_params, z, y)
-        if w.beta > 0:
-            (t_logits, t_feat), t_cols = nets.teacher.apply(
-                teacher_vars, x, train=False, features=True, mutable=[BN_MOMENTS])
-        else:
-            t_logits, t_feat = nets.teacher.apply(teacher_vars, x, train=False, features=True)
-        # Student in training mode: its BN running averages see these batches too (released code).
-        (s_logits, s_feat), s_updates = nets.student.apply(
-            {"params": stu.params, "batch_stats": stu.batch_stats}, x, train=True, features=True,
-            mutable=["batch_stats"])
-        t_logits, s_logits = at_least_float32(t_logits), at_least_float32(s_logits)
-        terms, loss = {}, 0.0
-        if w.kd > 0:
-            terms["kd"] = losses.kd_loss(s_logits, t_logits)
-            loss -= w.kd * terms["kd"]
-        if w.alpha > 0:
-            terms["ikd"] = losses.ikd_generator_loss(s_logits, t_logits, w.ikd_form, AXIS)
-            loss += w.alpha * terms["ikd"]
-        if w.beta > 0:
-            terms["bn"] = losses.bn_statistics_loss(t_cols[BN_MOMENTS], teacher_vars["batch_stats"])
-            loss += w.beta * terms["bn"]
-        if w.gamma > 0:
-            v_s = losses.l2_normalize(s_feat)
-            if nets.adapter is not None:
-                # The head's raw output is the student's view (released code: not normalised again).
-                v_s = nets.adapter.apply({"params": a_params}, v_s)
-            terms["supcon"] = losses.two_view_supcon_loss(
-                v_s, losses.l2_normalize(t_feat), y, w.temperature, w.base_temperature, AXIS)
-            loss += w.gamma * terms["supcon"]
-        if w.eta > 0:
-            terms["ce"] = losses.cross_entropy_loss(t_logits, y, w.ce_form)
-            loss += w.eta * terms["ce"]
-        terms["teacher_agrees"] = jnp.mean(jnp.argmax(t_logits, -1) == y)
-        return loss, (terms, g_stats, s_updates.get("batch_stats", {}))
+        parts, terms, s_stats = objectives.generator_objective(
+            nets, config.loss, teacher_vars, x, y, student_vars, a_params, AXIS)
+        return objectives.total(parts), (terms, g_stats, s_stats)
 
     a_params = ada.params if ada is not None else None
     train_adapter = ada is not None and config.adapter_optimizer != "frozen"
@@ -166,30 +144,18 @@ def generator_step(nets: Networks, config, num_devices: int, teacher_vars, devic
 
 def student_step(nets: Networks, config, num_devices: int, teacher_vars, device_index,
                  carry, rng):
-    """One student update on fresh synthetic images: KD + a*IKD_S + e*CE(student)."""
+    """One student update on `objectives.student_objective`, on fresh synthetic images."""
     gen, stu, ada = carry
-    w = config.loss
     z, y = sample_conditioning(rng, config, device_index, num_devices)
     x, g_stats = _generate(nets, gen, gen.params, z, y)  # G stays in training mode
     x = jax.lax.stop_gradient(x)
     t_logits = at_least_float32(nets.teacher.apply(teacher_vars, x, train=False))
 
     def loss_fn(s_params):
-        s_logits, updates = nets.student.apply({"params": s_params, "batch_stats": stu.batch_stats},
-                                               x, train=True, mutable=["batch_stats"])
-        s_logits = at_least_float32(s_logits)
-        terms, loss = {}, 0.0
-        if w.kd > 0:
-            terms["kd"] = losses.kd_loss(s_logits, t_logits)
-            loss += w.kd * terms["kd"]
-        if w.alpha > 0:
-            terms["ikd"] = losses.ikd_student_loss(s_logits, t_logits, w.ikd_form, AXIS)
-            loss += w.alpha * terms["ikd"]
-        if w.eta > 0:
-            terms["ce"] = losses.cross_entropy_loss(s_logits, y, w.ce_form)
-            loss += w.eta * terms["ce"]
-        terms["agreement"] = jnp.mean(jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1))
-        return loss, (terms, updates.get("batch_stats", {}))
+        parts, terms, s_stats = objectives.student_objective(
+            nets, config.loss, {"params": s_params, "batch_stats": stu.batch_stats}, x,
+            t_logits, y, AXIS)
+        return objectives.total(parts), (terms, s_stats)
 
     (loss, (terms, s_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(stu.params)
     grads = jax.lax.pmean(grads, AXIS)
@@ -211,9 +177,10 @@ def phase_keys(rng, step, phase: str, num_steps: int):
 
 def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool = True,
                          g_steps: Optional[int] = None, s_steps: Optional[int] = None):
-    """Returns `iteration(state, teacher_vars, device_ids) -> (state, metrics)`, pmapped.
+    """Returns `iteration(state, teacher_vars, device_ids) -> (state, metrics)`, pmapped over
+    all `num_devices` devices of all processes.
 
-    `device_ids` is `np.arange(num_devices)` (the only mapped argument). One iteration runs
+    `device_ids` is `Topology.device_ids()` (pmap's mapped argument). One iteration runs
     `g_steps` generator steps then `s_steps` student steps (default: the config's; 0 skips a
     phase, which is how the benchmark times each phase alone). Metrics are means over the steps
     of each phase, prefixed `generator/` and `student/`.
@@ -225,7 +192,9 @@ def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool 
               "student": config.s_steps if s_steps is None else s_steps}
     step_fns = {"generator": generator_step, "student": student_step}
 
-    def iteration(state: DistillState, teacher_vars, device_index):
+    def iteration(state: DistillState, teacher_vars, device_ids):
+        del device_ids   # pmap's mapped argument; the global index comes from the axis
+        device_index = jax.lax.axis_index(AXIS)
         carry = (state.generator, state.student, state.adapter)
         metrics = {}
         for phase in PHASES:
@@ -240,8 +209,7 @@ def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool 
         new_state = state.replace(step=state.step + 1, generator=gen, student=stu, adapter=ada)
         return new_state, metrics
 
-    return jax.pmap(iteration, axis_name=AXIS, in_axes=(None, None, 0), out_axes=(None, None),
-                    donate_argnums=(0,) if donate else ())
+    return runtime.data_parallel(iteration, num_unmapped=2, donate_state=donate)
 
 
 def scan_unroll(config) -> bool:
@@ -267,18 +235,3 @@ def repeat_steps(step, carry, keys, unroll: bool):
         carry, out = step(carry, keys[i])
         outputs.append(out)
     return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-
-
-def device_ids(num_devices: int) -> np.ndarray:
-    return np.arange(num_devices, dtype=np.int32)
-
-
-def replicate(tree, num_devices: int):
-    """Places a pytree the way the pmapped iteration returns its unreplicated outputs.
-
-    Without this the second call recompiles, because a freshly initialised or restored state
-    (single-device arrays) and the iteration's output (replicated over the device mesh) differ
-    in sharding.
-    """
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:num_devices]), (AXIS,))
-    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

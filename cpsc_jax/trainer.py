@@ -1,13 +1,25 @@
-"""The generic CPSC-DFKD trainer: teacher in, distilled student out.
+"""The generic CPSC-DFKD trainer: a teacher in, a distilled student out.
 
-`train_and_evaluate(config, workdir)` gets the teacher, distils for `epochs x epoch_itrs`
-iterations, evaluates the student on the real test split after every epoch, writes a sample grid,
-checkpoints (orbax) and resumes exactly when called again with the same workdir.
+`train_and_evaluate(config, workdir, teacher)` distils for `epochs x epoch_itrs` iterations on
+every device of every process (`cpsc_jax.runtime`), evaluates the student on real labelled data
+after every epoch (when there is any: a truly data-free run has none), measures the
+generator's class faithfulness on a fixed probe set, writes a labelled sample grid, checkpoints
+(orbax) and resumes exactly when called again with the same workdir. The teacher comes from the
+caller (`cpsc_jax.teacher`): loaded, converted or freshly trained.
+
+WORKDIR after a run:
+    config.json           the run's config (a resume with other values is refused)
+    checkpoints/          resumable state, after every epoch
+    metrics.jsonl         losses every `log_every` iterations; evaluations every epoch
+    samples/epoch_N.png   one labelled row per class; red frames: the teacher sees another class
+    student/              the final student (a model checkpoint)
+    student_best/         the student of the best epoch (when evaluated)
+    results.json          accuracies (final, best), faithfulness, wall time, history
 """
 import json
 import os
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,38 +27,24 @@ import numpy as np
 
 from cpsc_jax import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
-from cpsc_jax import steps
-from cpsc_jax.config_validation import ConfigError, validate_config, validate_teacher
+from cpsc_jax import faithfulness
+from cpsc_jax import images as images_lib
+from cpsc_jax import runtime, steps
+from cpsc_jax.config_validation import validate_config, validate_teacher
 from cpsc_jax.evaluation import accuracy
-from cpsc_jax.images import image_grid, write_png
 from cpsc_jax.metrics import JsonlWriter, Progress, format_duration
 from cpsc_jax.models import get_model
+from cpsc_jax.teacher import Teacher
 
+# Changing these on resume only warns; `epochs` may grow (the cosine schedule then stretches).
+HARMLESS = ("log_every", "eval_batch_size", "sample_columns", "log_conditioning",
+            "profile_steps", "data.dir", "data.tfds_dir", "data.extra_eval",
+            "teacher.checkpoint", "teacher.train_if_missing", "teacher.training.")
+EXTENDABLE = ("epochs",)
+RESULTS = "results.json"
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf; the last good checkpoint is left untouched."""
-
-
-def resolve_teacher(config, workdir: str, log: Callable = print) -> str:
-    """The teacher checkpoint named in the config, or WORKDIR/teacher, trained there if allowed."""
-    path = config.teacher.checkpoint or os.path.join(workdir, "teacher")
-    if ckpt_lib.is_model_checkpoint(path):
-        return path
-    if config.teacher.checkpoint and not config.teacher.get("train_if_missing", False):
-        raise ConfigError(f"config.teacher.checkpoint={path!r} is not a model checkpoint (no "
-                          "model.json): point it at the output of scripts/convert_teacher.py or "
-                          "scripts/train_teacher.py")
-    if not config.teacher.get("train_if_missing", False):
-        raise ConfigError("no teacher: set --config.teacher.checkpoint=DIR to a checkpoint written "
-                          "by scripts/convert_teacher.py or scripts/train_teacher.py")
-    from cpsc_jax.teacher_training import train_teacher
-    log(f"no teacher checkpoint at {path}: training {config.teacher.training.arch} first")
-    return train_teacher(config.teacher.training, workdir, log=log)
-
-
-def _all_finite(tree) -> bool:
-    return bool(all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree)
-                    if np.issubdtype(np.asarray(x).dtype, np.floating)))
+# Kept for callers of earlier versions.
+NonFiniteLossError = runtime.NonFiniteError
 
 
 def _format_accuracies(accs, eval_sets) -> str:
@@ -54,155 +52,231 @@ def _format_accuracies(accs, eval_sets) -> str:
 
 
 def _format_metrics(m) -> str:
-    g = m.get("generator/loss", float("nan"))
-    s = m.get("student/loss", float("nan"))
-    return f"L_G {g:+.3f} L_S {s:.3f} kd {m.get('student/kd', float('nan')):.3f}"
+    return (f"L_G {m.get('generator/loss', float('nan')):+.3f} "
+            f"L_S {m.get('student/loss', float('nan')):.3f} "
+            f"kd {m.get('student/kd', float('nan')):.3f} "
+            f"G agrees {m.get('generator/teacher_agrees', float('nan')):.2f}")
 
 
-def _sample_fn(nets, config):
+def make_sampler(nets):
+    """Jitted G(z, y) in training mode (batch statistics, as the student sees its images;
+    running averages untouched), on the local default device."""
     generator = nets.generator.clone(axis_name=None, dtype=None)
 
     @jax.jit
     def sample(params, batch_stats, z, y):
-        # Training-mode batch statistics, as the student sees them; running averages untouched.
         x, _ = generator.apply({"params": params, "batch_stats": batch_stats}, z, y, train=True,
                                mutable=["batch_stats"])
         return x
     return sample
 
 
-def save_samples(path: str, sample, state, config, mean, std):
-    cols, k = config.sample_columns, config.num_classes
-    z = jax.random.normal(jax.random.PRNGKey(config.seed + 12345), (k * cols, config.generator.nz))
-    y = jnp.repeat(jnp.arange(k), cols)   # one row per class
-    x = np.asarray(sample(state.generator.params, state.generator.batch_stats, z, y))
-    grid = image_grid(data_lib.denormalize(x, mean, std), rows=k,
-                      scale=max(1, 32 // config.image_size))
-    write_png(path, grid)
+def save_samples(path: str, images: np.ndarray, probe: faithfulness.Probe, predicted,
+                 config, mean, std):
+    """The sample grid: one row per class (a fixed subset for K > 20), labelled, each tile the
+    teacher assigns to another class framed in red."""
+    classes = images_lib.shown_classes(config.num_classes)
+    cols = min(config.sample_columns, probe.per_class)
+    idx = np.stack([np.flatnonzero(probe.labels == k)[:cols] for k in classes])   # [rows, cols]
+    tiles = data_lib.denormalize(images[idx], mean, std)
+    wrong = predicted[idx] != probe.labels[idx]
+    images_lib.write_png(path, images_lib.labelled_grid(
+        tiles, [str(k) for k in classes], wrong, scale=max(1, 32 // config.image_size)))
 
 
-def train_and_evaluate(config, workdir: str, log: Callable = print,
-                       stop_after_epochs: Optional[int] = None) -> dict:
-    """Runs (or resumes) a distillation; returns and writes WORKDIR/results.json.
+def _finished_results(workdir: str, total: int) -> Optional[Dict[str, Any]]:
+    path = os.path.join(workdir, RESULTS)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return results if results.get("iterations") == total else None
 
-    `stop_after_epochs` ends this invocation after that many epochs (checkpointed), for runs
-    split over several sessions; calling again with the same workdir continues.
+
+def train_and_evaluate(config, workdir: str, teacher: Teacher, log: Callable = print,
+                       stop_after_epochs: Optional[int] = None,
+                       eval_sets: Any = "config") -> Dict[str, Any]:
+    """Runs (or resumes) a distillation from `teacher`; returns and writes WORKDIR/results.json.
+
+    `eval_sets`: "config" (the splits `config.data` names), a dict {key: data.Split}, or None
+    (no evaluation at all: data-free). `stop_after_epochs` ends this invocation after that many
+    epochs (checkpointed); calling again with the same workdir continues.
     """
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    num_devices = jax.local_device_count()
-    validate_config(config, num_devices)
-    t_start = time.time()
+    topo = runtime.topology()
+    validate_config(config, topo.num_devices)
+    validate_teacher(config, teacher)
+    workdir = runtime.prepare_workdir(workdir)
+    say = log if topo.is_writer else (lambda *_: None)
+    total = config.epochs * config.epoch_itrs
+    with runtime.WorkdirLock(workdir, enabled=topo.is_writer):
+        checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, "checkpoints"))
+        try:
+            latest = checkpointer.latest_step()
+            runtime.check_run_config(workdir, config, HARMLESS, EXTENDABLE,
+                                     resuming=latest is not None, write=topo.is_writer, log=say)
+            done = _finished_results(workdir, total) if latest == total else None
+            if done is not None:
+                say(f"{workdir} holds a finished run ({total} iterations): student "
+                    + (f"{done['student_accuracy']:.2f}% final, {done['best_student_accuracy']:.2f}%"
+                       " best" if done.get("student_accuracy") is not None else "not evaluated")
+                    + f" -> {os.path.join(workdir, RESULTS)}")
+                return done
+            return _run(config, workdir, teacher, topo, checkpointer, latest, say,
+                        stop_after_epochs, eval_sets)
+        finally:
+            checkpointer.close()
 
-    teacher_path = resolve_teacher(config, workdir, log)
-    spec, teacher_vars = ckpt_lib.load_model(teacher_path)
-    validate_teacher(config, spec)
-    mean, std = spec.mean, spec.std   # the normalisation the teacher was trained with
-    eval_sets = data_lib.eval_splits(config.data)   # "test", and "extra" when data.extra_eval is set
-    protocol = data_lib.protocol_label(config.data)
+
+def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_epochs,
+         eval_sets) -> Dict[str, Any]:
+    mean, std = teacher.mean, teacher.std   # the normalisation the teacher was trained with
+    if eval_sets == "config":
+        eval_sets = data_lib.eval_splits(config.data)
+    eval_sets = dict(eval_sets or {})
+    protocol = data_lib.protocol_label(config.data) if eval_sets else "none (data-free)"
+    teacher_vars = teacher.variables
 
     def evaluate(model, variables):
         return {k: accuracy(model, variables, s, mean, std, config.eval_batch_size)
                 for k, s in eval_sets.items()}
 
-    teacher_accs = evaluate(spec.build(), teacher_vars)
-    log(f"teacher {spec.arch} ({teacher_path}), protocol {protocol}: "
-        + _format_accuracies(teacher_accs, eval_sets))
+    teacher_model = teacher.build()
+    teacher_accs = evaluate(teacher_model, teacher_vars)
+    say(f"teacher {teacher.name} ({teacher.path or 'given in memory'}), protocol {protocol}"
+        + (": " + _format_accuracies(teacher_accs, eval_sets) if eval_sets else ""))
 
-    nets = steps.build_networks(config, spec.arch)
-    iteration = steps.make_train_iteration(nets, config, num_devices)
-    student_eval = get_model(config.student.arch, config.num_classes)
-    sample = _sample_fn(nets, config)
+    # Class faithfulness of the generator, on one fixed probe set (cpsc_jax.faithfulness).
+    probe = faithfulness.Probe(config.num_classes, config.generator.nz, config.seed)
+    real_diversity = None
+    if "test" in eval_sets:
+        real_diversity = faithfulness.real_class_diversity(
+            teacher_model, teacher_vars, eval_sets["test"].images, eval_sets["test"].labels,
+            config.num_classes, mean, std, probe.per_class)
+
+    nets = steps.build_networks(config, teacher)
+    iteration = steps.make_train_iteration(nets, config, topo.num_devices)
+    student_model = get_model(config.student.arch, config.num_classes)
+    sample = make_sampler(nets)
 
     state = steps.init_state(nets, config, jax.random.PRNGKey(config.seed))
-    checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, "checkpoints"))
-    latest = checkpointer.latest_step()
     meta = {"best_student_accuracy": None, "best_epoch": None, "best_accuracies": {},
-            "elapsed_s": 0.0, "history": []}
+            "history": []}
     if latest is not None:
-        state, restored = checkpointer.restore(latest, jax.eval_shape(lambda: state))
+        state, restored, latest = checkpointer.restore_latest_intact(
+            jax.eval_shape(lambda: state), log=say)
         meta.update(restored)
-        log(f"resuming from iteration {latest} ({workdir}/checkpoints)")
-    prior_elapsed = float(meta["elapsed_s"])   # wall time of earlier invocations of this run
-    state = steps.replicate(state, num_devices)
-    teacher_vars = steps.replicate(teacher_vars, num_devices)
-    ids = steps.device_ids(num_devices)
-    writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=latest)
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        say(f"resuming from iteration {latest} ({workdir}/checkpoints)")
+    elapsed = runtime.Elapsed(workdir, fresh=latest is None, enabled=topo.is_writer)
+    state = runtime.replicate(state, topo)
+    teacher_vars = runtime.replicate(teacher_vars, topo)
+    ids = topo.device_ids()
+    writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=latest,
+                         enabled=topo.is_writer)
+    if topo.is_writer:
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+
+    conditioning = None
+    if config.log_conditioning:
+        from cpsc_jax import diagnostics
+        conditioning = diagnostics.make_conditioning_gradients(
+            steps.build_networks(config, teacher, axis_name=None), config)
+
+    def log_conditioning(step):
+        figures = diagnostics.conditioning_gradients(
+            conditioning, state, teacher_vars, config,
+            jax.random.fold_in(jax.random.PRNGKey(config.seed + 777), step))
+        writer.write(step, diagnostics.flatten(figures))
 
     total = config.epochs * config.epoch_itrs
     start = int(state.step)
-    progress = Progress(total, start)
-    epochs_run = 0
-    step = start
-    log(f"distilling {config.student.arch} from {spec.arch}: {total} iterations "
+    progress = Progress(total, start, enabled=topo.is_writer)
+    epochs_run, step = 0, start
+    say(f"distilling {config.student.arch} from {teacher.name}: {total} iterations "
         f"({config.epochs} epochs x {config.epoch_itrs}), batch {config.batch_size} on "
-        f"{num_devices} {jax.default_backend()} device(s)")
+        f"{topo.describe()}")
+    if conditioning is not None and start == 0:
+        log_conditioning(0)
     while step < total:
+        runtime.stop_if_requested()
         state, metrics = iteration(state, teacher_vars, ids)
         step += 1
         if step == start + 1:
             progress.mark(step)   # rate and ETA exclude compilation
         epoch_end = step % config.epoch_itrs == 0
-        if step % config.log_every == 0 or epoch_end:
+        if runtime.is_time(step, config.log_every) or epoch_end:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not all(np.isfinite(v) for v in m.values()):
-                bad = ", ".join(f"{k}={v}" for k, v in m.items() if not np.isfinite(v))
-                raise NonFiniteLossError(
-                    f"non-finite loss at iteration {step}: {bad}. The last good checkpoint "
-                    f"(iteration {checkpointer.latest_step()}) in {workdir}/checkpoints is intact; "
-                    "lower the adversarial weights (config.loss.alpha) or the learning rates.")
+            runtime.check_finite(m, f"at iteration {step}",
+                                 _divergence_advice(checkpointer, workdir, teacher))
             writer.write(step, m)
             acc_text = ""
             if meta["history"]:
-                acc_text = (f" | student {meta['history'][-1]['student_accuracy']:.2f}% "
-                            f"(best {meta['best_student_accuracy']:.2f}%)")
+                last = meta["history"][-1]
+                if last.get("student_accuracy") is not None:
+                    acc_text = (f" | student {last['student_accuracy']:.2f}% "
+                                f"(best {meta['best_student_accuracy']:.2f}%)")
+            elapsed.tick()
             progress.line(step, _format_metrics(m) + acc_text)
-        if epoch_end:
-            epoch = step // config.epoch_itrs
-            if not _all_finite(state.student.params) or not _all_finite(state.generator.params):
-                raise NonFiniteLossError(
-                    f"non-finite parameters at iteration {step}; the last good checkpoint "
-                    f"(iteration {checkpointer.latest_step()}) is intact")
-            student_vars = {"params": state.student.params, "batch_stats": state.student.batch_stats}
-            accs = evaluate(student_eval, student_vars)
-            acc = accs["test"]
-            if meta["best_student_accuracy"] is None or acc > meta["best_student_accuracy"]:
-                meta["best_student_accuracy"], meta["best_epoch"] = acc, epoch
-            meta["best_accuracies"] = {k: max(v, meta["best_accuracies"].get(k, v))
-                                       for k, v in accs.items()}
-            meta["elapsed_s"] = prior_elapsed + time.time() - t_start
-            meta["history"].append({"epoch": epoch, "step": step, "student_accuracy": acc,
-                                    "accuracies": accs, "elapsed_s": round(meta["elapsed_s"], 1)})
-            save_samples(os.path.join(workdir, "samples", f"epoch_{epoch:04d}.png"), sample, state,
-                         config, mean, std)
-            checkpointer.save(step, state, meta)
-            writer.write(step, {"epoch": epoch, "student_accuracy": acc,
-                                "best_student_accuracy": meta["best_student_accuracy"],
-                                **{f"student_accuracy/{k}": v for k, v in accs.items()},
-                                "elapsed_s": meta["elapsed_s"]})
-            log(f"epoch {epoch}/{config.epochs}: student " + _format_accuracies(accs, eval_sets)
-                + f" (best {meta['best_student_accuracy']:.2f}% at epoch {meta['best_epoch']}), "
-                f"teacher {teacher_accs['test']:.2f}%")
-            epochs_run += 1
-            if stop_after_epochs is not None and epochs_run >= stop_after_epochs and step < total:
-                log(f"stopping after {epochs_run} epoch(s) as asked; re-run to resume")
-                checkpointer.close()
-                return {"stopped_at_step": step}
-    checkpointer.close()
+        if not epoch_end:
+            continue
+        epoch = step // config.epoch_itrs
+        if not runtime.all_finite((state.student.params, state.generator.params)):
+            raise runtime.NonFiniteError(
+                f"non-finite parameters at iteration {step}. "
+                + _divergence_advice(checkpointer, workdir, teacher))
+        student_vars = {"params": state.student.params, "batch_stats": state.student.batch_stats}
+        accs = evaluate(student_model, student_vars)
+        acc = accs.get("test")
+        improved = acc is not None and (meta["best_student_accuracy"] is None
+                                        or acc > meta["best_student_accuracy"])
+        if improved:
+            meta["best_student_accuracy"], meta["best_epoch"] = acc, epoch
+        meta["best_accuracies"] = {k: max(v, meta["best_accuracies"].get(k, v))
+                                   for k, v in accs.items()}
+        generated = faithfulness.generate_probe(
+            lambda z, y: sample(state.generator.params, state.generator.batch_stats, z, y),
+            probe, config.batch_size)
+        faithful = faithfulness.probe_statistics(generated, probe, teacher_model, teacher_vars,
+                                                 real_diversity)
+        predicted = faithful.pop("predicted")
+        total_elapsed = elapsed.tick()
+        meta["history"].append({"epoch": epoch, "step": step, "student_accuracy": acc,
+                                "accuracies": accs, "faithfulness": faithful,
+                                "elapsed_s": round(total_elapsed, 1)})
+        if topo.is_writer:
+            save_samples(os.path.join(workdir, "samples", f"epoch_{epoch:04d}.png"), generated,
+                         probe, predicted, config, mean, std)
+        # The record goes first: a kill before the checkpoint below only repeats this epoch.
+        writer.write(step, {"epoch": epoch, "student_accuracy": acc,
+                            "best_student_accuracy": meta["best_student_accuracy"],
+                            **{f"student_accuracy/{k}": v for k, v in accs.items()},
+                            **faithfulness.scalars(faithful), "elapsed_s": total_elapsed})
+        if conditioning is not None:
+            log_conditioning(step)
+        if improved:
+            _save_student(os.path.join(workdir, "student_best"), config, teacher, mean, std,
+                          student_vars, {"epoch": epoch, "student_accuracy": acc})
+        checkpointer.save(step, state, meta)
+        acc_text = ("student " + _format_accuracies(accs, eval_sets)
+                    + f" (best {meta['best_student_accuracy']:.2f}% at epoch {meta['best_epoch']}),"
+                    f" teacher {teacher_accs['test']:.2f}%; ") if acc is not None else ""
+        say(f"epoch {epoch}/{config.epochs}: {acc_text}{faithfulness.summary(faithful)}")
+        epochs_run += 1
+        if stop_after_epochs is not None and epochs_run >= stop_after_epochs and step < total:
+            say(f"stopping after {epochs_run} epoch(s) as asked; re-run to resume")
+            return {"stopped_at_step": step}
 
-    student_spec = ckpt_lib.ModelSpec(config.student.arch, config.num_classes, config.image_size,
-                                      config.channels, mean, std,
-                                      {"distilled_from": spec.arch, "teacher_checkpoint": teacher_path})
+    student_vars = {"params": state.student.params, "batch_stats": state.student.batch_stats}
     student_path = os.path.join(workdir, "student")
-    ckpt_lib.save_model(student_path, student_spec,
-                        {"params": state.student.params, "batch_stats": state.student.batch_stats})
+    _save_student(student_path, config, teacher, mean, std, student_vars, {})
     final = meta["history"][-1]["accuracies"] if meta["history"] else {}
-    elapsed = prior_elapsed + time.time() - t_start
+    elapsed_total = elapsed.tick()
     results = {
         "protocol": protocol,
         "eval_sets": {k: {"name": s.name, "num_examples": len(s)} for k, s in eval_sets.items()},
-        "teacher_accuracy": teacher_accs["test"],
+        "teacher_accuracy": teacher_accs.get("test"),
         "student_accuracy": final.get("test"),
         "best_student_accuracy": meta["best_student_accuracy"],
         "best_epoch": meta["best_epoch"],
@@ -210,16 +284,45 @@ def train_and_evaluate(config, workdir: str, log: Callable = print,
         "student_accuracies": final,
         "best_student_accuracies": meta["best_accuracies"],
         "student_teacher_ratio": (final["test"] / teacher_accs["test"]
-                                  if final and teacher_accs["test"] else None),
+                                  if final.get("test") is not None and teacher_accs.get("test")
+                                  else None),
+        "faithfulness": meta["history"][-1].get("faithfulness") if meta["history"] else None,
         "iterations": total,
-        "teacher_checkpoint": teacher_path,
+        "teacher_checkpoint": teacher.path,
         "student_checkpoint": student_path,
-        "elapsed_s": round(elapsed, 1),
+        "best_student_checkpoint": (os.path.join(workdir, "student_best")
+                                    if meta["best_epoch"] is not None else None),
+        "elapsed_s": round(elapsed_total, 1),
         "history": meta["history"],
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    log(f"done in {format_duration(elapsed)}: student {results['student_accuracy']:.2f}% final, "
-        f"{meta['best_student_accuracy']:.2f}% best; teacher {teacher_accs['test']:.2f}% "
-        f"({protocol}) -> {workdir}/results.json")
+    if topo.is_writer:
+        tmp = os.path.join(workdir, RESULTS + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, os.path.join(workdir, RESULTS))
+    if results["student_accuracy"] is not None:
+        say(f"done in {format_duration(elapsed_total)}: student {results['student_accuracy']:.2f}%"
+            f" final, {meta['best_student_accuracy']:.2f}% best; teacher "
+            f"{teacher_accs['test']:.2f}% ({protocol}) -> {workdir}/{RESULTS}")
+    else:
+        say(f"done in {format_duration(elapsed_total)} (no evaluation data) -> {workdir}/{RESULTS}")
     return results
+
+
+def _save_student(path, config, teacher, mean, std, variables, extra):
+    spec = ckpt_lib.ModelSpec(config.student.arch, config.num_classes, config.image_size,
+                              config.channels, mean, std,
+                              {"distilled_from": teacher.name, "teacher_checkpoint": teacher.path,
+                               **extra})
+    ckpt_lib.save_model(path, spec, variables)
+
+
+def _divergence_advice(checkpointer, workdir, teacher) -> str:
+    if not runtime.all_finite(teacher.variables):
+        return (f"The teacher ({teacher.path or teacher.name}) itself has non-finite weights: "
+                "train or convert it again.")
+    good = checkpointer.latest_step()
+    kept = (f"The last good checkpoint (iteration {good}) in {workdir}/checkpoints is intact"
+            if good is not None else "No checkpoint was written yet")
+    return (f"{kept}; lower the adversarial weight (config.loss.alpha) or the learning rates "
+            "and re-run.")

@@ -13,11 +13,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def load_config(name: str):
+def load_config(name: str, *args):
     spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
 
 
 def tiny_digits_config():
@@ -39,7 +39,14 @@ def tiny_digits_config():
 
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory):
-    """A digits teacher checkpoint, trained once per test session (a couple of epochs)."""
+    """A digits teacher checkpoint (its path), trained once per test session (two epochs)."""
     from cpsc_jax.teacher_training import train_teacher
     workdir = tmp_path_factory.mktemp("digits_teacher")
     return train_teacher(tiny_digits_config().teacher.training, str(workdir), log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher_model(digits_teacher):
+    """The same teacher as a `cpsc_jax.teacher.Teacher`."""
+    from cpsc_jax.teacher import load_teacher
+    return load_teacher(digits_teacher)

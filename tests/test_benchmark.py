@@ -1,5 +1,5 @@
-"""The benchmark harness (cpsc_jax/benchmark.py, scripts/benchmark.py) and its PyTorch baseline
-(bench/). Fast: one tiny iteration of each framework."""
+"""The benchmark harness (cpsc_jax/benchmark.py, cpsc-benchmark) and its PyTorch baseline
+(cpsc_jax.pytorch.dfkd). Fast: one tiny iteration of each framework."""
 import json
 import os
 import subprocess
@@ -15,7 +15,6 @@ from cpsc_jax import benchmark as bm
 from cpsc_jax import losses
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # bench/ and configs/ live at the repository root
 TINY = ["--config", str(REPO / "configs" / "mnist.py"), "--config.batch_size=8",
         "--config.g_steps=1", "--config.s_steps=1", "--config.generator.ngf=8",
         "--iters=2", "--warmup=1", "--nophases"]
@@ -49,6 +48,7 @@ def _tail_json(stdout: str):
     return json.loads(last)
 
 
+@pytest.mark.slow
 def test_script_tiny_run_prints_json():
     torch_mode = "eager" if bm.torch_available() else "none"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -74,6 +74,7 @@ def test_script_tiny_run_prints_json():
                                                                       rel=0.15)
 
 
+@pytest.mark.slow
 def test_script_compare_loops_times_scan_and_unrolled():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), *TINY,
@@ -120,8 +121,8 @@ def test_torch_iteration_runs_and_matches_shapes():
     import torch
     from cpsc_jax.pytorch import models as tm
     from cpsc_jax.pytorch.dfkd import TorchDFKD
-    from configs import cifar10
-    c = cifar10.get_config()
+    from conftest import load_config
+    c = load_config("cifar10")
     c.teacher.arch, c.student.arch = "resnet20", "wrn_16_1"
     c.batch_size, c.g_steps, c.s_steps = 4, 1, 1
     c.generator.ngf = 8

@@ -18,7 +18,8 @@ import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from cpsc_jax.checkpoint import load_model  # noqa: E402
-from cpsc_jax.convert import (ConversionError, DATASETS, convert_teacher,  # noqa: E402
+from cpsc_jax.data import registry  # noqa: E402
+from cpsc_jax.convert import (ConversionError, convert_teacher,  # noqa: E402
                               export_student, flax_to_torch, load_torch_state_dict,
                               torch_to_flax)
 
@@ -296,10 +297,10 @@ def test_parity_and_export_round_trip(arch, tmp_path):
     out = tmp_path / "converted"
     convert_teacher(str(src), str(out), arch, num_classes, dataset=dataset)
     spec, variables = load_model(str(out))
-    d = DATASETS[dataset or "mnist"]
+    d = registry.get(dataset or "mnist")
     assert (spec.arch, spec.num_classes) == (arch, num_classes)
-    assert (spec.image_size, spec.channels) == (d["image_size"], d["channels"])
-    assert spec.mean == pytest.approx(d["mean"]) and spec.std == pytest.approx(d["std"])
+    assert (spec.image_size, spec.channels) == (d.image_size, d.channels)
+    assert spec.mean == pytest.approx(d.mean) and spec.std == pytest.approx(d.std)
 
     rng = np.random.default_rng(seed)
     for b in batches:
@@ -323,7 +324,7 @@ def test_parity_and_export_round_trip(arch, tmp_path):
     fresh = torch_model(arch, num_classes)
     fresh.load_state_dict(exported, strict=True)
     meta = json.loads((tmp_path / "exported.json").read_text())
-    assert meta["arch"] == arch and meta["mean"] == pytest.approx(list(d["mean"]))
+    assert meta["arch"] == arch and meta["mean"] == pytest.approx(list(d.mean))
 
 
 def test_flax_to_torch_inverts_torch_to_flax():
@@ -348,6 +349,7 @@ def run_script(name, *args):
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_scripts_convert_and_export(tmp_path):
     tmodel = randomised(torch_model("resnet20", 10), 7)
     state = tmodel.state_dict()
@@ -375,6 +377,7 @@ def test_scripts_convert_and_export(tmp_path):
     assert json.loads((tmp_path / "student.json").read_text())["std"] == [0.25] * 3
 
 
+@pytest.mark.slow
 def test_script_errors_are_short_and_nonzero(tmp_path):
     state = randomised(torch_model("resnet20", 100), 3).state_dict()
     src = save_variant(state, tmp_path / "r20.pt", "cmi")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from cpsc_jax import steps
+from cpsc_jax import runtime, steps
 from cpsc_jax.checkpoint import ModelSpec, init_variables
 from cpsc_jax.convert import flax_to_torch
 
@@ -50,7 +50,8 @@ def make_config(case, **overrides):
     c.batch_size = 8
     c.g_steps, c.s_steps = 2, 2
     c.epochs, c.epoch_itrs, c.warmup_epochs = 20, 1, 10
-    c.loss.ikd_form, c.loss.ce_form = case["ikd_form"], case["ce_form"]
+    c.loss.ikd_form = case["ikd_form"]
+    c.loss.ce_form = c.loss.student_ce_form = case["ce_form"]
     for k, v in overrides.items():
         c[k] = v
     return c
@@ -115,7 +116,7 @@ class Pair:
             for key in (steps.phase_keys(state.rng, state.step, phase, n) if n else []):
                 z, y = steps.sample_conditioning(key, self.config, 0, 1)
                 draws.append((phase, np.asarray(z), np.asarray(y)))
-        self.state, jax_metrics = self.fns[(g, s)](state, self.teacher, steps.device_ids(1))
+        self.state, jax_metrics = self.fns[(g, s)](state, self.teacher, runtime.topology(1).device_ids())
         torch_metrics = {}
         for phase, z, y in draws:
             step = self.torch.generator_step if phase == "generator" else self.torch.student_step

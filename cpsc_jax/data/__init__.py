@@ -3,8 +3,9 @@
 `data_config` is the `data` block of a run config (a ConfigDict, a dict or any object with these
 attributes; absent fields take the defaults shown):
 
-    name        one of digits, mnist, cifar10, cifar100, svhn, tiny_imagenet
-    dir = ""    local copy of the dataset in its official layout (see `DATASETS[name].layout`),
+    name        a name of `registry.DATASETS`: digits, mnist, cifar10, cifar100, svhn,
+                tiny_imagenet
+    dir = ""    local copy of the dataset in its official layout (`DATASETS[name].layout`),
                 or a folder holding `train.npz`/`test.npz` (arrays `data`, `labels`). Empty:
                 read the TFDS array_record data source (mnist, cifar10, cifar100, svhn only).
     protocol = "standard"
@@ -22,41 +23,15 @@ attributes; absent fields take the defaults shown):
 Nothing here ever downloads. A missing or malformed location raises `DataError` (a ValueError)
 with a one-line message naming the path and the layout expected there.
 """
-import dataclasses
 import os
 from typing import Any, Dict, Optional
 
-from cpsc_jax.data.base import NORMALIZATION, Split, denormalize, normalize
+from cpsc_jax.data import registry
+from cpsc_jax.data.base import Split, denormalize, normalize
 from cpsc_jax.data.files import DataError, abspath, load_npz, resize_split, resize_uint8
+from cpsc_jax.data.registry import DATASETS, Dataset
 
 PROTOCOLS = ("standard", "holdout")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    num_classes: int
-    image_size: int
-    channels: int
-    tfds_name: Optional[str]
-    layout: str
-
-
-DATASETS: Dict[str, DatasetInfo] = {
-    "digits": DatasetInfo("digits", 10, 8, 1, None, "scikit-learn's bundled digits (no files)"),
-    "mnist": DatasetInfo("mnist", 10, 32, 1, "mnist",
-                         "a folder with the MNIST IDX files (train-images-idx3-ubyte[.gz], "
-                         "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
-                         "t10k-labels-idx1-ubyte[.gz])"),
-    "cifar10": DatasetInfo("cifar10", 10, 32, 3, "cifar10",
-                           "the cifar-10-batches-py folder (or its parent)"),
-    "cifar100": DatasetInfo("cifar100", 100, 32, 3, "cifar100",
-                            "the cifar-100-python folder (or its parent)"),
-    "svhn": DatasetInfo("svhn", 10, 32, 3, "svhn_cropped",
-                        "a folder with train_32x32.mat and test_32x32.mat"),
-    "tiny_imagenet": DatasetInfo("tiny_imagenet", 200, 64, 3, None,
-                                 "the tiny-imagenet-200 folder (or its parent)"),
-}
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -72,14 +47,11 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def available_datasets():
-    return sorted(DATASETS)
+    return list(registry.available())
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: "
-                         f"{', '.join(available_datasets())}")
-    return DATASETS[name]
+def dataset_info(name: str) -> Dataset:
+    return registry.get(name)
 
 
 def protocol_label(data_config) -> str:
@@ -88,26 +60,7 @@ def protocol_label(data_config) -> str:
     return f"{name}-holdout" if _get(data_config, "protocol", "standard") == "holdout" else name
 
 
-def _read_local(name: str, directory: str, split: str, protocol: str) -> Split:
-    if name == "mnist":
-        from cpsc_jax.data.mnist import load_mnist_dir
-        return load_mnist_dir(directory, split)
-    if name == "cifar10":
-        from cpsc_jax.data.cifar import load_cifar10_dir
-        return load_cifar10_dir(directory, split, protocol)
-    if name == "cifar100":
-        from cpsc_jax.data.cifar import load_cifar100_dir
-        return load_cifar100_dir(directory, split)
-    if name == "svhn":
-        from cpsc_jax.data.svhn import load_svhn_dir
-        return load_svhn_dir(directory, split)
-    if name == "tiny_imagenet":
-        from cpsc_jax.data.tiny_imagenet import load_tiny_imagenet_dir
-        return load_tiny_imagenet_dir(directory, split)
-    raise ValueError(f"no local reader for {name!r}")  # pragma: no cover
-
-
-def _conform(split: Split, info: DatasetInfo, where: str) -> Split:
+def _conform(split: Split, info: Dataset, where: str) -> Split:
     """Checks channels and label range against the dataset; resizes to its image size."""
     if split.images.shape[-1] != info.channels:
         raise DataError(f"{where}: images have {split.images.shape[-1]} channels; {info.name} "
@@ -149,7 +102,7 @@ def load_split(data_config, split: str) -> Split:
             raise DataError(f"{npz}: data.protocol='holdout' needs the cifar-10-batches-py folder, "
                             "not .npz splits")
         return _conform(load_npz(npz, f"{name}/{split}", info.num_classes), info, npz)
-    return _conform(_read_local(name, directory, split, protocol), info, abspath(directory))
+    return _conform(info.read_dir(directory, split, protocol), info, abspath(directory))
 
 
 def load_extra_eval(data_config) -> Optional[Split]:
@@ -176,24 +129,18 @@ def eval_splits(data_config) -> Dict[str, Split]:
 # --- Loading by location, for evaluation tools -------------------------------------------------
 
 def detect_dataset(directory: str) -> str:
-    """Names the dataset whose official layout `directory` (or one of its children) holds."""
+    """Names the dataset whose official layout `directory` (or one of its children) holds;
+    'npz' for a folder of train.npz/test.npz."""
     d = abspath(directory)
-    has = lambda *p: os.path.exists(os.path.join(d, *p))  # noqa: E731
-    if has("train.npz") or has("test.npz"):
+    if os.path.exists(os.path.join(d, "train.npz")) or os.path.exists(os.path.join(d, "test.npz")):
         return "npz"
-    if has("data_batch_1") or has("test_batch") or has("cifar-10-batches-py"):
-        return "cifar10"
-    if has("cifar-100-python") or (has("meta") and os.path.isfile(os.path.join(d, "train"))):
-        return "cifar100"
-    if any(has(f) for f in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz",
-                            "t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz")):
-        return "mnist"
-    if has("train_32x32.mat") or has("test_32x32.mat"):
-        return "svhn"
-    if has("tiny-imagenet-200") or (has("train") and has("val")):
-        return "tiny_imagenet"
-    raise DataError(f"{d}: no known dataset layout (cifar-10-batches-py, cifar-100-python, MNIST "
-                    "IDX files, SVHN *_32x32.mat, tiny-imagenet-200, or train.npz/test.npz)")
+    name = registry.recognise(d)
+    if name is None:
+        raise DataError(f"{d}: no known dataset layout ("
+                        + "; ".join(f"{x.name}: {x.layout}" for x in DATASETS.values()
+                                    if x.recognise is not None)
+                        + "; or train.npz/test.npz)")
+    return name
 
 
 def _looks_like_tfds_spec(spec: str) -> bool:
@@ -206,8 +153,9 @@ def load_path(spec: str, split: str = "test", dataset: Optional[str] = None,
               protocol: str = "standard", tfds_dir: str = "",
               num_classes: Optional[int] = None, image_size: Optional[int] = None) -> Split:
     """A labelled set by location: an `.npz` (data/labels), a CIFAR pickle batch file, an SVHN
-    `.mat` file, a dataset folder in its official layout (detected, or named by `dataset`), or
-    a TFDS spec `name:split` (e.g. `cifar10:test`, `mnist:test`, `svhn_cropped:test[:1000]`).
+    `.mat` file, a dataset folder in its official layout (detected, or named by `dataset`), a
+    dataset name (`digits`; others read their prepared TFDS copy), or a TFDS spec `name:split`
+    (e.g. `cifar10:test`, `mnist:test`, `svhn_cropped:test[:1000]`).
     Resized (PIL bilinear) to `image_size` when given."""
     path = abspath(spec)
     if os.path.isfile(path):
@@ -227,13 +175,20 @@ def load_path(spec: str, split: str = "test", dataset: Optional[str] = None,
             out = load_npz(os.path.join(path, f"{split}.npz"), num_classes=num_classes)
         else:
             out = load_split({"name": name, "dir": path, "protocol": protocol}, split)
+    elif spec in DATASETS:   # a dataset by name: digits, or a prepared TFDS copy
+        if spec == "digits" or not DATASETS[spec].tfds_name:
+            out = load_split({"name": spec}, split)
+        else:
+            from cpsc_jax.data.tfds_source import load_tfds
+            out = load_tfds(spec, split, tfds_dir or None)
     elif _looks_like_tfds_spec(spec):
         name, tsplit = spec.split(":", 1)
         from cpsc_jax.data.tfds_source import load_tfds
         out = load_tfds(name, tsplit, tfds_dir or None)
     else:
-        raise DataError(f"{path} does not exist, and {spec!r} is not a TFDS spec NAME:SPLIT; "
-                        "expected a dataset folder, an .npz with data/labels, or e.g. cifar10:test")
+        raise DataError(f"{path} does not exist, and {spec!r} is neither a dataset name "
+                        f"({', '.join(available_datasets())}) nor a TFDS spec NAME:SPLIT; expected "
+                        "a dataset folder, an .npz with data/labels, a name, or e.g. cifar10:test")
     if num_classes is not None and len(out) and int(out.labels.max()) >= num_classes:
         raise DataError(f"{spec}: label {int(out.labels.max())} out of range for "
                         f"{num_classes} classes")
@@ -244,7 +199,7 @@ def load_path(spec: str, split: str = "test", dataset: Optional[str] = None,
     return out
 
 
-__all__ = ["DATASETS", "DataError", "DatasetInfo", "NORMALIZATION", "PROTOCOLS", "Split",
+__all__ = ["DATASETS", "DataError", "Dataset", "PROTOCOLS", "Split",
            "available_datasets", "dataset_info", "denormalize", "detect_dataset", "eval_splits",
            "load_extra_eval", "load_npz", "load_path", "load_split", "normalize",
            "protocol_label", "resize_uint8"]

@@ -3,17 +3,6 @@ import dataclasses
 
 import numpy as np
 
-# Per-dataset input normalisation (mean, std per channel), as used by the DFKD literature.
-NORMALIZATION = {
-    "digits": ((0.3056,), (0.3761,)),   # measured on the digits train split (see digits.py)
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "tiny_imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
 @dataclasses.dataclass
 class Split:
     """A labelled split held in memory: uint8 NHWC images and int32 labels."""

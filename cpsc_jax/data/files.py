@@ -10,9 +10,10 @@ from typing import Optional
 import numpy as np
 
 from cpsc_jax.data.base import Split
+from cpsc_jax.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A missing or malformed dataset location (the message is a single line)."""
 
     def __init__(self, message: str):
@@ -47,11 +48,20 @@ def open_maybe_gz(path: str):
 
 def as_nhwc_uint8(data: np.ndarray, where: str) -> np.ndarray:
     """Accepts NHWC, NHW (grey), NCHW (C in 1, 3) or flat CIFAR-style rows (N, C*H*W, planes
-    R, G, B) and returns uint8 NHWC. Float data in [0, 1] is scaled to 0..255."""
+    R, G, B) and returns uint8 NHWC. Float data must be raw pixels: in [0, 1] (scaled to
+    0..255) or whole numbers in 0..255; already-normalised images (negative values, or other
+    fractions above 1) are refused rather than silently misread."""
     x = np.asarray(data)
     if x.dtype != np.uint8:
         if np.issubdtype(x.dtype, np.floating):
+            lo = float(np.min(x)) if x.size else 0.0
             hi = float(np.max(x)) if x.size else 0.0
+            whole = bool(np.all(x == np.round(x)))
+            if lo < 0 or (hi > 1.0 + 1e-6 and not (whole and hi <= 255)):
+                raise DataError(
+                    f"{where}: float pixels in [{lo:.3g}, {hi:.3g}] look already normalised; "
+                    "give raw pixels (uint8 0..255, or floats in [0, 1]): the input "
+                    "normalisation is applied here, with the model's own mean/std")
             x = np.clip(np.round(x * 255.0) if hi <= 1.0 + 1e-6 else np.round(x), 0, 255)
         elif x.size and (x.min() < 0 or x.max() > 255):
             raise DataError(f"{where}: pixel values outside 0..255 (dtype {x.dtype})")

@@ -14,14 +14,9 @@ from typing import Optional
 
 import numpy as np
 
+from cpsc_jax.data import registry
 from cpsc_jax.data.base import Split
 from cpsc_jax.data.files import DataError, resize_uint8
-
-# Our dataset names -> TFDS builder names, number of classes and image size used here.
-TFDS_NAMES = {"mnist": "mnist", "cifar10": "cifar10", "cifar100": "cifar100",
-              "svhn": "svhn_cropped"}
-_NUM_CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100, "svhn_cropped": 10}
-_IMAGE_SIZE = {"mnist": 32}  # MNIST is 28x28 in TFDS; the DFKD setting resizes it to 32x32
 
 PREPARE = ("prepare it once with: pip install tensorflow-cpu && tfds build {name} "
            "--file_format=array_record{data_dir_flag}")
@@ -52,10 +47,12 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None,
               image_size: Optional[int] = None) -> Split:
     """`name`: one of ours (mnist, cifar10, cifar100, svhn) or a TFDS name (svhn_cropped);
     `split`: a TFDS split, slicing allowed ('test', 'train[:1000]')."""
-    tfds_name = TFDS_NAMES.get(name, name)
-    if tfds_name not in _NUM_CLASSES:
+    dataset = registry.by_tfds_name(name)
+    if dataset is None:
+        supported = sorted(d.tfds_name for d in registry.DATASETS.values() if d.tfds_name)
         raise DataError(f"TFDS dataset {name!r} is not supported; supported: "
-                        f"{', '.join(sorted(_NUM_CLASSES))}")
+                        f"{', '.join(supported)}")
+    tfds_name = dataset.tfds_name
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -80,11 +77,10 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None,
     labels = np.asarray([int(ex["label"]) for ex in examples], np.int32)
     if images.ndim == 3:
         images = images[..., None]
-    size = image_size or _IMAGE_SIZE.get(tfds_name)
-    if size:
+    size = image_size or dataset.image_size   # MNIST is 28x28 in TFDS; DFKD resizes it to 32
+    if size != images.shape[1]:
         images = resize_uint8(images, size)
-    k = _NUM_CLASSES[tfds_name]
+    k = dataset.num_classes
     if labels.size and (labels.min() < 0 or labels.max() >= k):
         raise DataError(f"TFDS {tfds_name}:{split}: labels outside 0..{k - 1}")
-    ours = {v: k_ for k_, v in TFDS_NAMES.items()}.get(tfds_name, tfds_name)
-    return Split(np.ascontiguousarray(images), labels, k, f"{ours}/{split}")
+    return Split(np.ascontiguousarray(images), labels, k, f"{dataset.name}/{split}")

@@ -48,3 +48,38 @@ def get_model(name: str, num_classes: int, axis_name: Optional[str] = None, dtyp
 
 __all__ = ["BN_MOMENTS", "BatchNorm", "ConditionalBatchNorm", "ConditionalGenerator",
            "FeatureAdapter", "available_models", "get_model"]
+
+
+def _fits(name: str, num_classes: int, size: int, channels: int) -> bool:
+    import jax
+    import jax.numpy as jnp
+    model = get_model(name, num_classes)
+    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    try:
+        jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+    except Exception:  # noqa: BLE001 - too small an input fails in many ways inside flax/XLA
+        return False
+    return True
+
+
+_MIN_SIZE: Dict[tuple, int] = {}
+
+
+def min_input_size(name: str, num_classes: int = 10, channels: int = 3) -> int:
+    """The smallest square input side the network accepts (shape tracing only, cached)."""
+    key = (name, num_classes, channels)
+    if key not in _MIN_SIZE:
+        hi = 1
+        while not _fits(name, num_classes, hi, channels):
+            hi *= 2
+            if hi > 4096:
+                raise ValueError(f"{name} accepts no input size up to 4096")
+        lo = hi // 2 + 1 if hi > 1 else 1
+        while lo < hi:   # smallest fitting size in (hi/2, hi]
+            mid = (lo + hi) // 2
+            if _fits(name, num_classes, mid, channels):
+                hi = mid
+            else:
+                lo = mid + 1
+        _MIN_SIZE[key] = hi
+    return _MIN_SIZE[key]

@@ -9,7 +9,7 @@ to the authors' code including its oddities:
   normalised again) as the student's view; the adapter never changes (released) unless
   `adapter_optimizer='sgd'`;
 * student phase, S_steps times: x = G(z, y) without gradient, G in training mode, KD +
-  alpha*IKD_S + eta*CE(student), SGD with momentum and weight decay; the learning rate stepped
+  alpha*IKD_S + student_eta*CE(student), SGD with momentum and weight decay; the learning rate stepped
   once per epoch (warm-up lr*e/W, then lr*(1 + cos(pi*(e - W)/E))/2), or per step.
 
 It is the PyTorch baseline of the benchmark and the reference of the float64 parity test
@@ -239,9 +239,9 @@ class TorchDFKD:
         if w.alpha > 0:
             terms["ikd"] = ikd_student_loss(s_logits, t_logits, w.ikd_form)
             loss = loss + w.alpha * terms["ikd"]
-        if w.eta > 0:
-            terms["ce"] = cross_entropy(s_logits, y, w.ce_form)
-            loss = loss + w.eta * terms["ce"]
+        if w.student_eta > 0:
+            terms["ce"] = cross_entropy(s_logits, y, w.student_ce_form)
+            loss = loss + w.student_eta * terms["ce"]
         terms["agreement"] = (s_logits.argmax(1) == t_logits.argmax(1)).to(self.dtype).mean()
         return loss, terms
 

@@ -1,0 +1,49 @@
+"""cpsc-ablate: run a grid of config overrides x seeds and tabulate the results (resumable).
+
+    cpsc-ablate --config digits --grid grids/digits.json --seeds 3 --workdir runs/ablate_digits
+
+The grid file is JSON: {"row name": {"loss.ce_form": "plain", ...}, ...}. Writes
+WORKDIR/ablation.md and WORKDIR/ablation.json; re-run the same command to continue.
+"""
+from cpsc_jax.cli import common
+
+F = common.new_flags()
+
+
+def _define():
+    from absl import flags
+    common.define_config_flag(F)
+    flags.DEFINE_string("grid", None, "JSON grid file: {row name: {dotted.field: value}}.",
+                        flag_values=F)
+    flags.DEFINE_integer("seeds", 3, "Seeds per row (config.seed, config.seed + 1, ...).",
+                         flag_values=F)
+    flags.DEFINE_string("workdir", None, "Directory of the sweep (one folder per row and seed).",
+                        flag_values=F)
+
+
+_define()
+
+
+def run(argv) -> int:
+    from cpsc_jax import ablation, runtime
+    from cpsc_jax.teacher import resolve_teacher
+    from cpsc_jax.trainer import train_and_evaluate
+    grid = ablation.load_grid(F.grid)
+    workdir = runtime.prepare_workdir(F.workdir)
+    config = F.config.copy_and_resolve_references()
+    # One teacher for every run: the config's, or WORKDIR/teacher trained once.
+    teacher = resolve_teacher(config, workdir)
+    config.teacher.checkpoint = teacher.path
+    out = ablation.run_sweep(config, grid, F.seeds, workdir,
+                             lambda cfg, wd: train_and_evaluate(cfg, wd, teacher))
+    print(ablation.format_table(out["rows"], out["seeds"]))
+    return 0
+
+
+def main(argv=None):
+    common.main(run, F, argv, workdir_hint=lambda: F.workdir or "",
+                required=("config", "grid", "workdir"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""cpsc-benchmark: time one CPSC-DFKD iteration (G_steps + S_steps) and each phase, JAX against
+PyTorch.
+
+    cpsc-benchmark --config mnist
+    cpsc-benchmark --config cifar10 --config.teacher.arch=resnet20 \\
+        --config.student.arch=wrn_16_1 --config.batch_size=64 --config.g_steps=2 --torch=both
+    cpsc-benchmark --config cifar10 --iters=20 --torch=none   # GPU
+    cpsc-benchmark --config mnist --compare_loops   # scan vs unrolled
+
+Random teacher/student/generator weights (timing does not depend on them). The JAX side runs
+the project's pmapped iteration (cpsc_jax.steps) over all local devices; the PyTorch side
+(cpsc_jax.pytorch.dfkd) runs the same networks, shapes and batch on one device (fp16 autocast on CUDA, fp32 on
+CPU). Prints progress and a summary; the last line is one JSON object (jax_ms_per_iter,
+torch_ms_per_iter, speedup_vs_torch, device, FLOPs, MFU, compile time, memory, ...).
+"""
+import os
+
+from absl import flags
+
+from cpsc_jax.cli import common
+
+FLAGS = F = common.new_flags()
+common.define_config_flag(F)
+flags.DEFINE_integer("iters", 10, "Timed calls per variant (the median is reported).", flag_values=F)
+flags.DEFINE_integer("warmup", 2, "Untimed calls per variant before timing.", flag_values=F)
+flags.DEFINE_enum("torch", "eager", ["eager", "compile", "both", "none"],
+                  "PyTorch baseline variant(s) to time in the same run.", flag_values=F)
+flags.DEFINE_bool("phases", True, "Also time the generator phase and the student phase alone.", flag_values=F)
+flags.DEFINE_bool("torch_channels_last", False,
+                  "Run the PyTorch networks in channels_last memory format (default: NCHW, as "
+                  "the released code).", flag_values=F)
+flags.DEFINE_bool("xla_cpu_tuned", False,
+                  "Append the XLA:CPU flags found faster for this workload "
+                  "(cpsc_jax.benchmark.CPU_TUNED_XLA_FLAGS) to XLA_FLAGS.", flag_values=F)
+flags.DEFINE_enum("omp_wait_policy", "default", ["default", "passive"],
+                  "OpenMP wait policy of PyTorch's CPU threads. 'default': the library's own "
+                  "(threads spin a while before sleeping; fastest on an idle machine). 'passive': "
+                  "sets OMP_WAIT_POLICY=PASSIVE (unless already set): idle threads sleep, which "
+                  "avoids collapses on a CPU shared with other busy processes but costs PyTorch "
+                  "~20-30% on a quiet one.", flag_values=F)
+flags.DEFINE_bool("compare_loops", False,
+                  "Instead of the JAX/PyTorch comparison: time the JAX iteration with its step "
+                  "loops as lax.scan and unrolled (scan_unroll=1 and 2), round-robin.", flag_values=F)
+flags.DEFINE_string("output", None, "Also write the JSON result to this file.", flag_values=F)
+flags.DEFINE_integer("seed", 0, "Seed of the random networks.", flag_values=F)
+
+
+def run(argv) -> int:
+    from cpsc_jax import benchmark as bm   # after flag parsing; no backend is initialised yet
+    if FLAGS.xla_cpu_tuned:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                                   + bm.CPU_TUNED_XLA_FLAGS).strip()
+    if FLAGS.omp_wait_policy == "passive":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads OpenMP
+    modes = {"both": ["eager", "compile"], "none": []}.get(FLAGS.torch, [FLAGS.torch])
+    log = lambda msg: print(msg, flush=True)
+    if FLAGS.compare_loops:
+        result = bm.compare_loop_forms(FLAGS.config, iters=FLAGS.iters, warmup=FLAGS.warmup,
+                                       seed=FLAGS.seed, log=log)
+        log(f"scan: {result['scan_ms_per_iter']:.1f} ms/iter, compile {result['scan_compile_s']:.1f}"
+            f" s; unrolled: {result['unrolled_ms_per_iter']:.1f} ms/iter, compile "
+            f"{result['unrolled_compile_s']:.1f} s; load {result['load_avg_start']} -> "
+            f"{result['load_avg_end']}")
+        _emit(bm.to_json_line(result))
+        return 0
+    result = bm.run_benchmark(FLAGS.config, iters=FLAGS.iters, warmup=FLAGS.warmup,
+                              torch_modes=modes, phases=FLAGS.phases,
+                              torch_channels_last=FLAGS.torch_channels_last, seed=FLAGS.seed,
+                              log=log)
+    for line in bm.format_summary(result):
+        log(line)
+    _emit(bm.to_json_line(result))
+    return 0
+
+
+def _emit(line: str) -> None:
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+
+
+def main(argv=None):
+    common.main(run, F, argv, required=("config",))
+
+
+if __name__ == "__main__":
+    main()

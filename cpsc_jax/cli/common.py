@@ -1,0 +1,156 @@
+"""What every command shares: configs by name or path, one-line errors, Ctrl-C, several hosts.
+
+`--config NAME[:ARG]` takes a shipped config by name (`cifar10`, `teacher:mnist`, ...: the
+package's `cpsc_jax.configs`, the repository's `configs/`) or a path (`configs/cifar10.py`,
+`my_config.py:arg`); `--config.FIELD=VALUE` overrides any field. Errors that are the user's to
+fix (`cpsc_jax.errors.UserError`, bad flags, missing files) print one line and exit 1; Ctrl-C
+stops at the next iteration and says how to resume (exit 130); a second Ctrl-C stops at once.
+"""
+import os
+import signal
+import sys
+import traceback
+from typing import Callable, List, Optional
+
+from absl import flags, logging
+
+from cpsc_jax.errors import UserError
+
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+def shipped_configs() -> dict:
+    """{name: path} of the configs that ship with the package."""
+    from cpsc_jax import configs
+    folder = os.path.dirname(os.path.abspath(configs.__file__))
+    return {f[:-3]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.endswith(".py") and not f.startswith("_")}
+
+
+def resolve_config(value: str) -> str:
+    """A `--config` value as ml_collections expects it: PATH[:ARG]."""
+    path, sep, arg = value.partition(":")
+    if os.path.isfile(path):
+        return value
+    shipped = shipped_configs()
+    stem = os.path.basename(path)
+    stem = stem[:-3] if stem.endswith(".py") else stem
+    # "cifar10", or the README's "configs/cifar10.py" run from another directory.
+    if os.path.dirname(path) in ("", "configs") and stem in shipped:
+        return shipped[stem] + sep + arg
+    raise UserError(f"--config {value}: no such file, and {path!r} is not a shipped config "
+                    f"(shipped: {', '.join(shipped)})")
+
+
+def _rewrite_config_arg(argv: List[str]) -> List[str]:
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--config", "-config") and i + 1 < len(argv):
+            out += [a, resolve_config(argv[i + 1])]
+            i += 2
+            continue
+        if a.startswith(("--config=", "-config=")):
+            flag, _, value = a.partition("=")
+            a = f"{flag}={resolve_config(value)}"
+        out.append(a)
+        i += 1
+    return out
+
+
+def define_distributed_flags(flag_values) -> None:
+    flags.DEFINE_string("coordinator_address", "", "Several processes (one per host): HOST:PORT "
+                        "of process 0's coordinator.", flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", 0, "Several processes: how many in all.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("process_id", -1, "Several processes: this one's index (0 .. N-1).",
+                         flag_values=flag_values)
+    flags.DEFINE_enum("distributed", "none", ["none", "auto"],
+                      "auto: join a multi-process run with JAX's cluster detection (SLURM, Open "
+                      "MPI, Cloud TPU pods) instead of the three flags above.",
+                      flag_values=flag_values)
+
+
+def start_distributed(F) -> None:
+    from cpsc_jax import runtime
+    runtime.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id,
+                                   auto=F.distributed == "auto")
+
+
+class _Interrupts:
+    """SIGINT sets a flag the training loops poll (`cpsc_jax.runtime.stop_requested`); a
+    second one raises KeyboardInterrupt at once. Unlike Python's default handler nothing is
+    raised inside a C callback, where an exception would be swallowed."""
+
+    def __init__(self):
+        from cpsc_jax import runtime
+        self._runtime = runtime
+
+    def __call__(self, signum, frame):
+        if self._runtime.stop_requested():
+            raise KeyboardInterrupt
+        self._runtime.request_stop()
+        print("\nstopping at the next step (Ctrl-C again to stop at once) ...", file=sys.stderr,
+              flush=True)
+
+
+def new_flags() -> flags.FlagValues:
+    """A command's own flag set (commands can then run one after another in one process)."""
+    return flags.FlagValues()
+
+
+def define_config_flag(F, help_text: str = "Run config: a shipped name (digits, cifar10, "
+                       "teacher:mnist, ...) or a path (configs/cifar10.py)") -> None:
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, help_text, flag_values=F, lock_config=True)
+
+
+def main(run: Callable[[List[str]], Optional[int]], F: flags.FlagValues,
+         argv: Optional[List[str]] = None, workdir_hint: Callable[[], str] = lambda: "",
+         required: tuple = ()) -> None:
+    """Parses `F` from argv (one-line errors), then `sys.exit(run(remaining_argv))`."""
+    argv = list(sys.argv if argv is None else argv)
+    F.unparse_flags()   # a second call in one process starts from the defaults again
+    try:
+        argv = F(_rewrite_config_arg(argv))
+    except UserError as e:
+        _fail(e)
+    except (AttributeError, KeyError) as e:
+        # ml_collections: an override of a field the config does not have ("Did you mean ...").
+        text = str(e.args[0] if e.args else e).strip("'\"")
+        text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
+        _fail(f"unknown config field {text}", prefix="bad flag: ")
+    except (flags.Error, TypeError, ValueError, OSError) as e:
+        # absl: bad flag values; ml_collections: values of the wrong type, unreadable files.
+        _fail(" ".join(str(e).split()) or type(e).__name__, prefix="bad flag: ")
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    missing = [f"--{name}" for name in required if F[name].value in (None, "")]
+    if missing:
+        _fail(f"missing {', '.join(missing)} (see --help)")
+    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+    previous = signal.signal(signal.SIGINT, _Interrupts())
+    try:
+        start_distributed(F) if "coordinator_address" in F else None
+        code = run(argv)
+    except UserError as e:
+        _fail(e)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        from cpsc_jax import runtime
+        where = workdir_hint()
+        hint = (f"; the checkpoints in {where} are intact: re-run the same command to resume"
+                if where else "")
+        print(f"interrupted{hint}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    sys.exit(code or 0)
+
+
+def _fail(error, prefix: str = "") -> None:
+    if os.environ.get("CPSC_TRACEBACK"):
+        traceback.print_exc()
+    print(f"error: {prefix}{error}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_ERROR)

@@ -1,0 +1,47 @@
+"""cpsc-train: distil a student from a teacher with CPSC-DFKD.
+
+    cpsc-train --config digits --workdir runs/digits
+    cpsc-train --config cifar10 --workdir W --config.teacher.checkpoint=TEACHER \
+        --config.data.dir=PATH/cifar-10-batches-py --config.batch_size=256
+
+Re-running the same command resumes; a finished run reports its results at once.
+"""
+from cpsc_jax.cli import common
+
+F = common.new_flags()
+
+
+def _define():
+    from absl import flags
+    common.define_config_flag(F)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and "
+                        "results (created; re-use it to resume).", flag_values=F)
+    flags.DEFINE_integer("stop_after_epochs", None, "End this invocation after N epochs "
+                         "(resumable: re-run with the same workdir).", flag_values=F)
+    common.define_distributed_flags(F)
+
+
+_define()
+
+
+def run(argv) -> int:
+    from cpsc_jax import runtime
+    from cpsc_jax.config_validation import validate_config
+    from cpsc_jax.teacher import resolve_teacher
+    from cpsc_jax.trainer import train_and_evaluate
+    config = F.config
+    topo = runtime.topology()
+    validate_config(config, topo.num_devices)
+    workdir = runtime.prepare_workdir(F.workdir)
+    log = print if topo.is_writer else (lambda *_: None)
+    teacher = resolve_teacher(config, workdir, log)
+    train_and_evaluate(config, workdir, teacher, log=log, stop_after_epochs=F.stop_after_epochs)
+    return 0
+
+
+def main(argv=None):
+    common.main(run, F, argv, workdir_hint=lambda: F.workdir or "", required=("config", "workdir"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Several processes (jax.distributed on 127.0.0.1, CPU collectives over gloo): a tiny
+distillation and a tiny teacher training as N processes x M devices, killed after a checkpoint
+and resumed, end with the parameters of one process with N*M devices on the same global batch;
+process 0 alone writes the metrics.
+
+Processes are launched with explicit PIDs, ports on loopback only, and are killed in `finally`.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from cpsc_jax import checkpoint as ckpt_lib
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 300
+# A tiny digits run: 3 epochs x 3 iterations; a large Adam eps keeps the generator's update
+# smooth in its gradient, so float rounding of a different reduction order stays small.
+DISTIL = ["--config", "digits", "--config.batch_size=16", "--config.epochs=3",
+          "--config.epoch_itrs=3", "--config.g_steps=1", "--config.s_steps=2",
+          "--config.generator.nz=8", "--config.generator.ngf=4", "--config.log_every=1",
+          "--config.sample_columns=2", "--config.adam_eps=1e-3", "--config.warmup_epochs=1"]
+TEACH = ["--config", "teacher:digits", "--config.epochs=2", "--config.batch_size=64",
+         "--config.checkpoint_min_interval_s=0", "--config.log_every_s=1e9"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.pop("CPSC_TRACEBACK", None)
+    return env
+
+
+def _launch(module, args, processes: int, devices: int, cwd):
+    """Starts `processes` processes of `python -m module args` (a multi-process run when more
+    than one); returns the Popen objects."""
+    port = _free_port()
+    procs = []
+    for i in range(processes):
+        extra = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                  f"--process_id={i}"] if processes > 1 else [])
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args, *extra],
+                                      env=_env(devices), cwd=str(cwd), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+    for p in procs:
+        try:
+            p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _run(module, args, processes, devices, cwd):
+    """Runs to completion; returns [(returncode, stdout, stderr)] per process."""
+    procs = _launch(module, args, processes, devices, cwd)
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        _kill(procs)
+    results = [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+    for i, (code, out, err) in enumerate(results):
+        assert code == 0, f"process {i} failed ({code}):\n{out[-2000:]}\n{err[-3000:]}"
+    return results
+
+
+def _run_until_checkpoint(module, args, processes, devices, cwd, state_dir, step: int):
+    """Starts the processes and SIGKILLs them all once checkpoint `step` is in `state_dir`."""
+    procs = _launch(module, args, processes, devices, cwd)
+    target = os.path.join(state_dir, str(step))
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while not os.path.isdir(target):
+            assert time.time() < deadline, "no checkpoint in time"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.2)
+    finally:
+        _kill(procs)
+
+
+def _flat(variables):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables)])
+
+
+def _records(path):
+    return [json.loads(l) for l in open(path)]
+
+
+@pytest.mark.parametrize("processes,devices", [(2, 1), (4, 1), (2, 2)])
+def test_distillation_over_processes_equals_one_process(tmp_path, digits_teacher, processes,
+                                                        devices):
+    args = DISTIL + [f"--config.teacher.checkpoint={digits_teacher}"]
+    total = processes * devices
+    single = tmp_path / "single"
+    _run("cpsc_jax.cli.train", args + [f"--workdir={single}"], 1, total, tmp_path)
+
+    multi = tmp_path / "multi"
+    margs = args + [f"--workdir={multi}"]
+    _run_until_checkpoint("cpsc_jax.cli.train", margs, processes, devices, tmp_path,
+                          str(multi / "checkpoints"), 3)
+    results = _run("cpsc_jax.cli.train", margs, processes, devices, tmp_path)
+    assert "resuming from iteration" in results[0][1]
+    for code, out, err in results[1:]:   # one writer: the others print nothing
+        assert "epoch" not in out and "resuming" not in out
+
+    _, a = ckpt_lib.load_model(str(single / "student"))
+    _, b = ckpt_lib.load_model(str(multi / "student"))
+    np.testing.assert_allclose(_flat(a), _flat(b), rtol=2e-4, atol=2e-5)
+    ra = json.loads((single / "results.json").read_text())
+    rb = json.loads((multi / "results.json").read_text())
+    assert ra["student_accuracy"] == pytest.approx(rb["student_accuracy"], abs=0.6)
+
+    recs = _records(multi / "metrics.jsonl")
+    keys = [(r["step"], tuple(sorted(r))) for r in recs]
+    assert len(keys) == len(set(keys)), "duplicate metrics records"
+    assert [r["step"] for r in recs if "epoch" in r] == [3, 6, 9]
+    assert sorted(p.name for p in multi.iterdir() if p.name.startswith("metrics")) == ["metrics.jsonl"]
+
+
+def test_teacher_training_over_processes_equals_one_process(tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _run("cpsc_jax.cli.train_teacher", TEACH + [f"--workdir={single}"], 1, 2, tmp_path)
+    margs = TEACH + [f"--workdir={multi}"]
+    _run_until_checkpoint("cpsc_jax.cli.train_teacher", margs, 2, 1, tmp_path,
+                          str(multi / "teacher_state"), 1)
+    results = _run("cpsc_jax.cli.train_teacher", margs, 2, 1, tmp_path)
+    assert "resuming" in results[0][1] and results[1][1].strip() == ""
+    _, a = ckpt_lib.load_model(str(single / "teacher"))
+    _, b = ckpt_lib.load_model(str(multi / "teacher"))
+    np.testing.assert_allclose(_flat(a), _flat(b), rtol=2e-4, atol=2e-5)
+    assert [r["epoch"] for r in _records(multi / "teacher_metrics.jsonl")] == [1, 2]

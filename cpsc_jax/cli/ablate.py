@@ -7,10 +7,7 @@ WORKDIR/ablation.md and WORKDIR/ablation.json; re-run the same command to contin
 """
 from cpsc_jax.cli import common
 
-F = common.new_flags()
-
-
-def _define():
+def define(F):
     from absl import flags
     common.define_config_flag(F)
     flags.DEFINE_string("grid", None, "JSON grid file: {row name: {dotted.field: value}}.",
@@ -21,10 +18,8 @@ def _define():
                         flag_values=F)
 
 
-_define()
 
-
-def run(argv) -> int:
+def run(F, argv) -> int:
     from cpsc_jax import ablation, runtime
     from cpsc_jax.teacher import resolve_teacher
     from cpsc_jax.trainer import train_and_evaluate
@@ -41,7 +36,7 @@ def run(argv) -> int:
 
 
 def main(argv=None):
-    common.main(run, F, argv, workdir_hint=lambda: F.workdir or "",
+    common.main(define, run, argv, workdir_hint=lambda F: F.workdir or "",
                 required=("config", "grid", "workdir"))
 
 

@@ -19,69 +19,70 @@ from absl import flags
 
 from cpsc_jax.cli import common
 
-FLAGS = F = common.new_flags()
-common.define_config_flag(F)
-flags.DEFINE_integer("iters", 10, "Timed calls per variant (the median is reported).", flag_values=F)
-flags.DEFINE_integer("warmup", 2, "Untimed calls per variant before timing.", flag_values=F)
-flags.DEFINE_enum("torch", "eager", ["eager", "compile", "both", "none"],
-                  "PyTorch baseline variant(s) to time in the same run.", flag_values=F)
-flags.DEFINE_bool("phases", True, "Also time the generator phase and the student phase alone.", flag_values=F)
-flags.DEFINE_bool("torch_channels_last", False,
-                  "Run the PyTorch networks in channels_last memory format (default: NCHW, as "
-                  "the released code).", flag_values=F)
-flags.DEFINE_bool("xla_cpu_tuned", False,
-                  "Append the XLA:CPU flags found faster for this workload "
-                  "(cpsc_jax.benchmark.CPU_TUNED_XLA_FLAGS) to XLA_FLAGS.", flag_values=F)
-flags.DEFINE_enum("omp_wait_policy", "default", ["default", "passive"],
-                  "OpenMP wait policy of PyTorch's CPU threads. 'default': the library's own "
-                  "(threads spin a while before sleeping; fastest on an idle machine). 'passive': "
-                  "sets OMP_WAIT_POLICY=PASSIVE (unless already set): idle threads sleep, which "
-                  "avoids collapses on a CPU shared with other busy processes but costs PyTorch "
-                  "~20-30% on a quiet one.", flag_values=F)
-flags.DEFINE_bool("compare_loops", False,
-                  "Instead of the JAX/PyTorch comparison: time the JAX iteration with its step "
-                  "loops as lax.scan and unrolled (scan_unroll=1 and 2), round-robin.", flag_values=F)
-flags.DEFINE_string("output", None, "Also write the JSON result to this file.", flag_values=F)
-flags.DEFINE_integer("seed", 0, "Seed of the random networks.", flag_values=F)
+
+def define(F):
+    common.define_config_flag(F)
+    flags.DEFINE_integer("iters", 10, "Timed calls per variant (the median is reported).", flag_values=F)
+    flags.DEFINE_integer("warmup", 2, "Untimed calls per variant before timing.", flag_values=F)
+    flags.DEFINE_enum("torch", "eager", ["eager", "compile", "both", "none"],
+                      "PyTorch baseline variant(s) to time in the same run.", flag_values=F)
+    flags.DEFINE_bool("phases", True, "Also time the generator phase and the student phase alone.", flag_values=F)
+    flags.DEFINE_bool("torch_channels_last", False,
+                      "Run the PyTorch networks in channels_last memory format (default: NCHW, as "
+                      "the released code).", flag_values=F)
+    flags.DEFINE_bool("xla_cpu_tuned", False,
+                      "Append the XLA:CPU flags found faster for this workload "
+                      "(cpsc_jax.benchmark.CPU_TUNED_XLA_FLAGS) to XLA_FLAGS.", flag_values=F)
+    flags.DEFINE_enum("omp_wait_policy", "default", ["default", "passive"],
+                      "OpenMP wait policy of PyTorch's CPU threads. 'default': the library's own "
+                      "(threads spin a while before sleeping; fastest on an idle machine). 'passive': "
+                      "sets OMP_WAIT_POLICY=PASSIVE (unless already set): idle threads sleep, which "
+                      "avoids collapses on a CPU shared with other busy processes but costs PyTorch "
+                      "~20-30% on a quiet one.", flag_values=F)
+    flags.DEFINE_bool("compare_loops", False,
+                      "Instead of the JAX/PyTorch comparison: time the JAX iteration with its step "
+                      "loops as lax.scan and unrolled (scan_unroll=1 and 2), round-robin.", flag_values=F)
+    flags.DEFINE_string("output", None, "Also write the JSON result to this file.", flag_values=F)
+    flags.DEFINE_integer("seed", 0, "Seed of the random networks.", flag_values=F)
 
 
-def run(argv) -> int:
+def run(F, argv) -> int:
     from cpsc_jax import benchmark as bm   # after flag parsing; no backend is initialised yet
-    if FLAGS.xla_cpu_tuned:
+    if F.xla_cpu_tuned:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                                    + bm.CPU_TUNED_XLA_FLAGS).strip()
-    if FLAGS.omp_wait_policy == "passive":
+    if F.omp_wait_policy == "passive":
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # read when torch loads OpenMP
-    modes = {"both": ["eager", "compile"], "none": []}.get(FLAGS.torch, [FLAGS.torch])
+    modes = {"both": ["eager", "compile"], "none": []}.get(F.torch, [F.torch])
     log = lambda msg: print(msg, flush=True)
-    if FLAGS.compare_loops:
-        result = bm.compare_loop_forms(FLAGS.config, iters=FLAGS.iters, warmup=FLAGS.warmup,
-                                       seed=FLAGS.seed, log=log)
+    if F.compare_loops:
+        result = bm.compare_loop_forms(F.config, iters=F.iters, warmup=F.warmup,
+                                       seed=F.seed, log=log)
         log(f"scan: {result['scan_ms_per_iter']:.1f} ms/iter, compile {result['scan_compile_s']:.1f}"
             f" s; unrolled: {result['unrolled_ms_per_iter']:.1f} ms/iter, compile "
             f"{result['unrolled_compile_s']:.1f} s; load {result['load_avg_start']} -> "
             f"{result['load_avg_end']}")
-        _emit(bm.to_json_line(result))
+        _emit(F, bm.to_json_line(result))
         return 0
-    result = bm.run_benchmark(FLAGS.config, iters=FLAGS.iters, warmup=FLAGS.warmup,
-                              torch_modes=modes, phases=FLAGS.phases,
-                              torch_channels_last=FLAGS.torch_channels_last, seed=FLAGS.seed,
+    result = bm.run_benchmark(F.config, iters=F.iters, warmup=F.warmup,
+                              torch_modes=modes, phases=F.phases,
+                              torch_channels_last=F.torch_channels_last, seed=F.seed,
                               log=log)
     for line in bm.format_summary(result):
         log(line)
-    _emit(bm.to_json_line(result))
+    _emit(F, bm.to_json_line(result))
     return 0
 
 
-def _emit(line: str) -> None:
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
+def _emit(F, line: str) -> None:
+    if F.output:
+        with open(F.output, "w") as f:
             f.write(line + "\n")
     print(line, flush=True)
 
 
 def main(argv=None):
-    common.main(run, F, argv, required=("config",))
+    common.main(define, run, argv, required=("config",))
 
 
 if __name__ == "__main__":

@@ -105,14 +105,21 @@ def define_config_flag(F, help_text: str = "Run config: a shipped name (digits, 
     config_flags.DEFINE_config_file("config", None, help_text, flag_values=F, lock_config=True)
 
 
-def main(run: Callable[[List[str]], Optional[int]], F: flags.FlagValues,
-         argv: Optional[List[str]] = None, workdir_hint: Callable[[], str] = lambda: "",
+def main(define: Callable[[flags.FlagValues], None],
+         run: Callable[[flags.FlagValues, List[str]], Optional[int]],
+         argv: Optional[List[str]] = None,
+         workdir_hint: Callable[[flags.FlagValues], str] = lambda F: "",
          required: tuple = ()) -> None:
-    """Parses `F` from argv (one-line errors), then `sys.exit(run(remaining_argv))`."""
+    """Defines a command's flags on a fresh flag set (so commands can run one after another in
+    one process), parses argv (one-line errors), then `sys.exit(run(F, remaining_argv))`."""
     argv = list(sys.argv if argv is None else argv)
-    F.unparse_flags()   # a second call in one process starts from the defaults again
+    F = new_flags()
+    define(F)
+    saved_argv = sys.argv
     try:
-        argv = F(_rewrite_config_arg(argv))
+        argv = _rewrite_config_arg(argv)
+        sys.argv = argv   # ml_collections reads the --config.* overrides from sys.argv
+        argv = F(argv)
     except UserError as e:
         _fail(e)
     except (AttributeError, KeyError) as e:
@@ -123,6 +130,8 @@ def main(run: Callable[[List[str]], Optional[int]], F: flags.FlagValues,
     except (flags.Error, TypeError, ValueError, OSError) as e:
         # absl: bad flag values; ml_collections: values of the wrong type, unreadable files.
         _fail(" ".join(str(e).split()) or type(e).__name__, prefix="bad flag: ")
+    finally:
+        sys.argv = saved_argv
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     missing = [f"--{name}" for name in required if F[name].value in (None, "")]
@@ -131,15 +140,16 @@ def main(run: Callable[[List[str]], Optional[int]], F: flags.FlagValues,
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
     previous = signal.signal(signal.SIGINT, _Interrupts())
     try:
-        start_distributed(F) if "coordinator_address" in F else None
-        code = run(argv)
+        if "coordinator_address" in F:
+            start_distributed(F)
+        code = run(F, argv)
     except UserError as e:
         _fail(e)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         _fail(e)
     except KeyboardInterrupt:
         from cpsc_jax import runtime
-        where = workdir_hint()
+        where = workdir_hint(F)
         hint = (f"; the checkpoints in {where} are intact: re-run the same command to resume"
                 if where else "")
         print(f"interrupted{hint}", file=sys.stderr, flush=True)

@@ -8,10 +8,7 @@ Re-running the same command resumes; a finished run reports its results at once.
 """
 from cpsc_jax.cli import common
 
-F = common.new_flags()
-
-
-def _define():
+def define(F):
     from absl import flags
     common.define_config_flag(F)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and "
@@ -21,10 +18,8 @@ def _define():
     common.define_distributed_flags(F)
 
 
-_define()
 
-
-def run(argv) -> int:
+def run(F, argv) -> int:
     from cpsc_jax import runtime
     from cpsc_jax.config_validation import validate_config
     from cpsc_jax.teacher import resolve_teacher
@@ -40,7 +35,7 @@ def run(argv) -> int:
 
 
 def main(argv=None):
-    common.main(run, F, argv, workdir_hint=lambda: F.workdir or "", required=("config", "workdir"))
+    common.main(define, run, argv, workdir_hint=lambda F: F.workdir or "", required=("config", "workdir"))
 
 
 if __name__ == "__main__":

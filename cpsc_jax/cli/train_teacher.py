@@ -9,10 +9,7 @@ WORKDIR/teacher_state; re-run the same command to resume. The last line printed 
 """
 from cpsc_jax.cli import common
 
-F = common.new_flags()
-
-
-def _define():
+def define(F):
     from absl import flags
     common.define_config_flag(F, "Teacher config: teacher:DATASET[,ARCH] or a path")
     flags.DEFINE_string("workdir", None, "Run directory (created; re-use it to resume).",
@@ -20,10 +17,8 @@ def _define():
     common.define_distributed_flags(F)
 
 
-_define()
 
-
-def run(argv) -> int:
+def run(F, argv) -> int:
     from cpsc_jax import runtime
     from cpsc_jax.teacher_training import train_teacher
     config = F.config
@@ -38,7 +33,7 @@ def run(argv) -> int:
 
 
 def main(argv=None):
-    common.main(run, F, argv, workdir_hint=lambda: F.workdir or "", required=("config", "workdir"))
+    common.main(define, run, argv, workdir_hint=lambda F: F.workdir or "", required=("config", "workdir"))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ Fields:
     eval_batch_size, log_every, sample_columns
     log_conditioning      also log each generator term's pull on the class embeddings at every
                           evaluation (cpsc_jax.diagnostics; costs a few seconds of compilation)
+    profile_steps         N > 0: a jax.profiler trace of N iterations after the first (compiled)
+                          one, into WORKDIR/profile (TensorBoard's profile plugin, Perfetto)
 """
 import ml_collections
 
@@ -136,4 +138,5 @@ def distillation_config(dataset: str, teacher: str = "resnet34",
     c.log_every = 10
     c.sample_columns = 8
     c.log_conditioning = False
+    c.profile_steps = 0
     return c

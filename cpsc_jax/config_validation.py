@@ -67,6 +67,10 @@ def validate_config(config, num_devices: int = 1) -> None:
            f"{2 ** gen.num_upsamples}")
     _check(config.scan_unroll in (0, 1, 2),
            f"config.scan_unroll must be 0 (auto), 1 (lax.scan) or 2 (unrolled), got {config.scan_unroll!r}")
+    profile_steps = config.get("profile_steps", 0)
+    _check(isinstance(profile_steps, int) and not isinstance(profile_steps, bool)
+           and profile_steps >= 0,
+           f"config.profile_steps must be an integer >= 0 (0: no profile), got {profile_steps!r}")
 
 
 def validate_teacher(config, teacher) -> None:

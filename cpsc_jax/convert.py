@@ -463,7 +463,8 @@ def export_student(checkpoint: str, output: str, meta_json: Optional[str] = "aut
     """Writes a model checkpoint as a PyTorch state_dict (torch tensors, PyTorch key layout).
 
     meta_json: "auto" writes OUTPUT with its suffix replaced by .json (arch, classes, image
-    size, channels, mean, std); None writes none. Returns (spec, state_dict of numpy arrays).
+    size, channels, mean, std, and under "pytorch" the class to import and the lines that load
+    the state_dict); None writes none. Returns (spec, state_dict of numpy arrays).
     """
     from cpsc_jax.checkpoint import load_model
     torch = _import_torch()
@@ -487,7 +488,33 @@ def export_student(checkpoint: str, output: str, meta_json: Optional[str] = "aut
                 "image_size": spec.image_size, "channels": spec.channels,
                 "mean": list(spec.mean), "std": list(spec.std), "input_layout": "NCHW",
                 "state_dict": os.path.basename(output),
-                "source": os.path.abspath(os.path.expanduser(str(checkpoint)))}
+                "source": os.path.abspath(os.path.expanduser(str(checkpoint))),
+                "pytorch": pytorch_loading(spec, os.path.basename(output))}
         with open(meta_json, "w") as f:
             json.dump(meta, f, indent=2)
     return spec, arrays
+
+
+def pytorch_loading(spec, state_dict_file: str) -> Dict[str, Any]:
+    """How to load an exported state_dict in PyTorch: the class of `cpsc_jax.pytorch.models`
+    that holds exactly its keys, and the lines that build it and load the weights."""
+    from cpsc_jax.pytorch import models as torch_models
+    if spec.arch not in torch_models.available_models():
+        return {"class": None,
+                "note": f"{spec.arch!r} has no PyTorch definition in cpsc_jax.pytorch.models; "
+                        "load the state_dict into a module with the same keys (see "
+                        "cpsc_jax.convert for the key and layout rules)"}
+    net = torch_models.get_model(spec.arch, spec.num_classes, spec.channels)
+    build = f"get_model({spec.arch!r}, {spec.num_classes}, channels={spec.channels})"
+    return {
+        "class": f"{type(net).__module__}.{type(net).__qualname__}",
+        "build": f"cpsc_jax.pytorch.models.{build}",
+        "load": ["import torch", "from cpsc_jax.pytorch.models import get_model",
+                 f"net = {build}",
+                 f"net.load_state_dict(torch.load({state_dict_file!r}, weights_only=True), "
+                 "strict=True)",
+                 "net.eval()"],
+        "input": f"NCHW float32, {spec.channels}x{spec.image_size}x{spec.image_size}, "
+                 "(x / 255 - mean) / std per channel",
+        "output": "logits; net(x, features=True) -> (logits, pooled feature)",
+    }

@@ -1,10 +1,12 @@
-"""Metrics as JSON lines in the workdir, and a console progress line with an ETA."""
+"""What a run reports: metrics as JSON lines in the workdir, a console progress line with an
+ETA, TensorBoard event files (when tensorboardX, or torch with tensorboard, is installed) and an
+optional profiler trace of a few iterations."""
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 
 def _plain(value):
@@ -82,3 +84,225 @@ class Progress:
         if self.enabled:
             print(msg, file=self.stream, flush=True)
         return msg
+
+
+# ------------------------------------------------------------------------------ TensorBoard
+
+# The metrics the HParams dashboard pairs with a run's hyper-parameters (scalar tags).
+HPARAM_METRICS = ("student_accuracy", "best_student_accuracy")
+
+
+def _summary_backend():
+    """(SummaryWriter class, hparams summary function) of tensorboardX, else of
+    torch.utils.tensorboard (needs the tensorboard package), else None."""
+    try:
+        import tensorboardX
+        from tensorboardX.summary import hparams
+        return tensorboardX.SummaryWriter, hparams
+    except ImportError:
+        pass
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+        return SummaryWriter, hparams
+    except ImportError:   # torch absent, or present without tensorboard
+        return None
+
+
+def flatten_config(config, prefix: str = "") -> Dict[str, Any]:
+    """A (nested) config as {"loss.alpha": 5.0, ...}: numbers, strings and booleans as they
+    are, anything else (tuples, None) as its text."""
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    out: Dict[str, Any] = {}
+    for key in sorted(items):
+        value = items[key]
+        if isinstance(value, dict) or hasattr(value, "to_dict"):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[prefix + key] = value
+        else:
+            out[prefix + key] = str(value)
+    return out
+
+
+def _image_hwc_uint8(image) -> Any:
+    import numpy as np
+    x = np.asarray(image)
+    if x.dtype != np.uint8:
+        x = np.round(np.clip(x.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"an image must be HxW or HxWxC with C in 1, 3, 4; got {x.shape}")
+    return x
+
+
+class TensorBoardWriter:
+    """Scalars, images and hyper-parameters as TensorBoard event files in `logdir`.
+
+    `write(step, record)` takes the same records as `JsonlWriter` (every loss term, teacher
+    agreement, learning rates, accuracies): each number becomes a scalar named by its key;
+    None, strings and lists are skipped. On resume (`resume_step`) TensorBoard is told to drop
+    the events past that step (`purge_step`), so a repeated stretch is not shown twice.
+    """
+
+    enabled = True
+
+    def __init__(self, logdir: str, resume_step: Optional[int] = None, backend=None,
+                 flush_secs: int = 30):
+        backend = backend or _summary_backend()
+        if backend is None:
+            raise ImportError("TensorBoard output needs tensorboardX: pip install tensorboardX")
+        writer_class, self._hparams = backend
+        self.logdir = logdir
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = writer_class(logdir, purge_step=None if resume_step is None
+                                    else int(resume_step) + 1, flush_secs=flush_secs)
+
+    def write(self, step: int, record: Dict[str, Any]) -> None:
+        for key, value in record.items():
+            if isinstance(value, bool) or value is None or isinstance(value, str):
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue   # lists, dicts: not a scalar
+            self._writer.add_scalar(key, number, int(step))
+
+    def write_image(self, step: int, tag: str, image) -> None:
+        """An HxW or HxWxC image, uint8 or float in [0, 1] (e.g. the labelled sample grid)."""
+        self._writer.add_image(tag, _image_hwc_uint8(image), int(step), dataformats="HWC")
+
+    def write_hparams(self, config, metrics: Sequence[str] = HPARAM_METRICS) -> None:
+        """The config as hyper-parameters (HParams dashboard, paired with the scalar `metrics`)
+        and as text (the whole config, readable)."""
+        flat = flatten_config(config)
+        for summary in self._hparams(flat, {m: 0.0 for m in metrics}):
+            self._file_writer().add_summary(summary)
+        text = json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config),
+                          indent=2, default=str)
+        self._writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)
+
+    def _file_writer(self):
+        writer = getattr(self._writer, "file_writer", None)   # tensorboardX
+        return writer if writer is not None else self._writer._get_file_writer()   # torch
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class NullSummaryWriter:
+    """Same interface, writes nothing: TensorBoard absent, or not the writing process."""
+
+    enabled = False
+
+    def __init__(self, reason: str = ""):
+        self.reason = reason
+
+    def write(self, step: int, record: Dict[str, Any]) -> None:
+        pass
+
+    def write_image(self, step: int, tag: str, image) -> None:
+        pass
+
+    def write_hparams(self, config, metrics: Sequence[str] = HPARAM_METRICS) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def summary_writer(logdir: str, resume_step: Optional[int] = None, enabled: bool = True):
+    """A `TensorBoardWriter` when TensorBoard output is possible here, else a
+    `NullSummaryWriter` whose `reason` says why not."""
+    if not enabled:
+        return NullSummaryWriter("not the writing process")
+    backend = _summary_backend()
+    if backend is None:
+        return NullSummaryWriter("no TensorBoard writer installed (pip install tensorboardX)")
+    return TensorBoardWriter(logdir, resume_step, backend)
+
+
+def learning_rates(config, iteration: int) -> Dict[str, float]:
+    """The learning rates in force during `iteration` (1-based) of a distillation run, from the
+    same schedules the optimizers use (cpsc_jax.train_state)."""
+    import optax
+
+    from cpsc_jax.train_state import student_schedule
+    done = max(int(iteration) - 1, 0)
+    student = float(student_schedule(config, config.s_steps)(done * config.s_steps))
+    generator = float(config.lr_generator)
+    if config.generator_optimizer == "persistent" and config.generator_schedule == "cosine":
+        total = config.epochs * config.epoch_itrs * config.g_steps
+        generator = float(optax.cosine_decay_schedule(config.lr_generator, total)(
+            done * config.g_steps))
+    return {"lr/student": student, "lr/generator": generator}
+
+
+# ------------------------------------------------------------------------------ profiler
+
+class ProfileWindow:
+    """A `jax.profiler` trace of `num_steps` iterations into `logdir`, started once iteration
+    `start_after` has finished (the first one of an invocation compiles: not worth tracing).
+
+    Call `after_iteration(step, state)` after every iteration and `close()` at the end (or use
+    it as a context manager). `state` is waited for at both edges, so the trace holds exactly
+    the traced iterations' device work. Open the result with TensorBoard's profile plugin
+    (`pip install tensorboard-plugin-profile`) or Perfetto (the `*.trace.json.gz` file).
+    """
+
+    def __init__(self, logdir: str, num_steps: int, start_after: int, enabled: bool = True):
+        self.logdir, self.num_steps, self.start_after = logdir, int(num_steps), int(start_after)
+        self.enabled = enabled and self.num_steps > 0
+        self.active = False
+        self.stop_at: Optional[int] = None
+        self.done = False
+
+    def after_iteration(self, step: int, state: Any = None) -> None:
+        if not self.enabled or self.done:
+            return
+        import jax
+        if not self.active and step >= self.start_after:
+            jax.block_until_ready(state)
+            os.makedirs(self.logdir, exist_ok=True)
+            jax.profiler.start_trace(self.logdir)
+            self.active, self.stop_at = True, step + self.num_steps
+        elif self.active and step >= self.stop_at:
+            jax.block_until_ready(state)
+            self._stop()
+
+    def _stop(self) -> None:
+        import jax
+        jax.profiler.stop_trace()
+        self.active, self.done = False, True
+
+    def close(self) -> None:
+        """Ends a trace still running (the run ended or failed inside the window)."""
+        if self.active:
+            self._stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

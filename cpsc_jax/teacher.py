@@ -3,7 +3,7 @@
 Distillation (`cpsc_jax.trainer`) never trains or finds its teacher; the caller hands it one:
 loaded from a model checkpoint (`load_teacher`: converted from PyTorch, trained by
 `cpsc_jax.teacher_training`, or a registered architecture of the user's), or any Flax module
-through `from_flax` (see `cpsc_jax.flax_teacher`).
+or apply function through `Teacher.from_flax` (see `cpsc_jax.flax_wrap`).
 """
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -30,10 +30,43 @@ class Teacher:
     arch: Optional[str] = None       # registry name, when it is one
     path: Optional[str] = None       # the checkpoint it was read from
     builder: Optional[Callable[..., Any]] = None   # (axis_name, dtype) -> module, for others
+    label: Optional[str] = None      # how logs name a teacher that is not in the registry
 
     @property
     def name(self) -> str:
-        return self.arch or "custom Flax teacher"
+        return self.arch or self.label or "custom Flax teacher"
+
+    @classmethod
+    def from_flax(cls, network, variables: Dict[str, Any], *, num_classes: int, input_shape,
+                  mean, std, feature_layer: Optional[str] = None,
+                  feature_fn: Optional[Callable[..., Any]] = None,
+                  train_arg: Optional[str] = "train",
+                  check_bn_moments: bool = True) -> "Teacher":
+        """A teacher from any `flax.linen` classifier (or `apply_fn(variables, x)`) and its
+        variables, wrapped by `cpsc_jax.flax_wrap` (feature_layer, feature_fn, train_arg: see
+        there). `input_shape` is (H, W, C) of the normalised input, `mean`/`std` the
+        normalisation the teacher was trained with (one value or one per channel).
+
+        The network is traced once: its logits must have `num_classes` columns and, when it has
+        `batch_stats` and `check_bn_moments` is on, every BatchNorm input's moments must be
+        seen (the BN-statistics term reads them); turn the check off only with loss.beta = 0.
+        """
+        from cpsc_jax import flax_wrap
+        classifier = flax_wrap.wrap(network, variables, feature_layer=feature_layer,
+                                    feature_fn=feature_fn, train_arg=train_arg)
+        variables = {k: v for k, v in dict(variables).items()
+                     if k not in flax_wrap._OUTPUT_COLLECTIONS}
+        variables = jax.tree.map(jax.numpy.asarray, variables)
+        image_size, channels = flax_wrap.input_spec(input_shape)
+        has_bn = bool(jax.tree.leaves(variables.get("batch_stats", {})))
+        flax_wrap.check_classifier(classifier, variables, num_classes, input_shape,
+                                   "the teacher", need_moments=has_bn and check_bn_moments)
+        inner = getattr(classifier, "module", None)
+        label = type(inner).__name__ if inner is not None else "teacher apply function"
+        return cls(variables, num_classes, image_size, channels,
+                   per_channel(mean, channels, "mean"), per_channel(std, channels, "std"),
+                   builder=lambda axis_name=None, dtype=None: classifier.for_run(axis_name, dtype),
+                   label=label)
 
     def build(self, axis_name: Optional[str] = None, dtype: Any = None):
         if self.builder is not None:
@@ -48,6 +81,20 @@ class Teacher:
                                   self.channels, self.mean, self.std)
 
 
+def per_channel(values, channels: int, what: str) -> Tuple[float, ...]:
+    """One float per channel from a scalar or a sequence (a single value is repeated)."""
+    import numpy as np
+    values = tuple(float(v) for v in np.atleast_1d(np.asarray(values, np.float64)))
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels or not all(np.isfinite(values)):
+        raise ValueError(f"{what} must be one finite value or {channels} (one per channel), got "
+                         f"{values}")
+    if what == "std" and min(values) <= 0:
+        raise ValueError(f"std must be > 0, got {values}")
+    return values
+
+
 def load_teacher(path: str) -> Teacher:
     """A teacher from a model checkpoint directory (model.json + variables)."""
     spec, variables = ckpt_lib.load_model(path)
@@ -56,8 +103,9 @@ def load_teacher(path: str) -> Teacher:
 
 
 def resolve_teacher(config, workdir: str, log: Callable[[str], None] = print) -> Teacher:
-    """The command line's teacher: `config.teacher.checkpoint`, else WORKDIR/teacher, trained
-    there first when the config allows it (`teacher.train_if_missing`, the embedded default)."""
+    """The command line's teacher: `config.teacher.checkpoint` (which must exist), else
+    WORKDIR/teacher, trained there first when the config allows it
+    (`teacher.train_if_missing`, the embedded default)."""
     import os
 
     from cpsc_jax.config_validation import ConfigError
@@ -65,7 +113,7 @@ def resolve_teacher(config, workdir: str, log: Callable[[str], None] = print) ->
     if ckpt_lib.is_model_checkpoint(path):
         return load_teacher(path)
     train_if_missing = config.teacher.get("train_if_missing", False)
-    if config.teacher.checkpoint and not train_if_missing:
+    if config.teacher.checkpoint:   # named explicitly: never trained somewhere else instead
         raise ConfigError(f"config.teacher.checkpoint={path!r} is not a model checkpoint (no "
                           "model.json): point it at the output of cpsc-convert-teacher or "
                           "cpsc-train-teacher")

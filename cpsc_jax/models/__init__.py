@@ -2,7 +2,18 @@
 
 Every classifier is called as `model.apply(variables, x, train=False, features=False)` and
 returns logits, or `(logits, feature)` with `features=True` (the pooled, un-normalised feature).
+
+A user's architecture joins the registry with `register_model(name, constructor)`, where
+`constructor(num_classes, axis_name=None, dtype=None)` returns a module following that protocol
+(any Flax classifier does once wrapped: `cpsc_jax.flax_wrap.FlaxClassifier`). Registered names
+work wherever a built-in one does: configs, checkpoints (`model.json` records the name; register
+it again before loading), export. The command-line tools see them when the registering module is
+imported first: list such modules in the environment variable `CPSC_JAX_MODELS` (comma-separated
+import paths), or declare an entry point in the group `cpsc_jax.models` (name -> constructor).
 """
+import importlib
+import os
+import sys
 from typing import Any, Callable, Dict, Optional
 
 from cpsc_jax.models.adapter import FeatureAdapter
@@ -33,21 +44,99 @@ for _depth in (20, 32, 44, 56, 110):
     _CLASSIFIERS[f"resnet{_depth}"] = resnet_option_a(_depth)
 
 
+BUILT_IN = frozenset(_CLASSIFIERS)
+_REGISTERED: Dict[str, Callable[..., Any]] = {}   # the user's, by register_model
+PLUGIN_ENV = "CPSC_JAX_MODELS"
+PLUGIN_GROUP = "cpsc_jax.models"
+_plugins_loaded = False
+
+
+def register_model(name: str, constructor: Callable[..., Any], replace: bool = False) -> str:
+    """Adds `constructor(num_classes, axis_name=None, dtype=None) -> module` under `name`.
+
+    Built-in names cannot be taken. Registering another constructor under a name already
+    registered needs `replace=True` (a checkpoint records only the name, so a silent swap would
+    load weights into the wrong network). Returns the name."""
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise ValueError(f"a model name must be a non-empty string without surrounding spaces, "
+                         f"got {name!r}")
+    if not callable(constructor):
+        raise TypeError(f"constructor for {name!r} must be callable "
+                        "(num_classes, axis_name=None, dtype=None) -> module")
+    if name in BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in architecture; register yours under another name")
+    current = _REGISTERED.get(name)
+    if current is not None and current is not constructor and not replace:
+        raise ValueError(f"a model {name!r} is already registered; pass replace=True to swap it "
+                         "(checkpoints saved under that name then load into the new one)")
+    _REGISTERED[name] = constructor
+    if current is not constructor:
+        _forget_cached(name)
+    return name
+
+
+def unregister_model(name: str) -> None:
+    """Removes a name added by `register_model` (built-in names stay)."""
+    if name in BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in architecture and cannot be removed")
+    if _REGISTERED.pop(name, None) is not None:
+        _forget_cached(name)
+
+
+def _forget_cached(name: str) -> None:
+    # Shape caches keyed by name would otherwise describe the previous network.
+    for key in [k for k in _MIN_SIZE if k[0] == name]:
+        del _MIN_SIZE[key]
+    for module, function in (("cpsc_jax.checkpoint", "_compiled_init"),
+                             ("cpsc_jax.convert", "_layout")):
+        cached = getattr(sys.modules.get(module), function, None)
+        if cached is not None:
+            cached.cache_clear()
+
+
+def _load_plugins() -> None:
+    """Imports the modules named in $CPSC_JAX_MODELS and the `cpsc_jax.models` entry points,
+    once, so that the command-line tools know the user's architectures."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(f"${PLUGIN_ENV} names {module!r}, which cannot be imported: "
+                              f"{e}") from e
+    from importlib.metadata import entry_points
+    for entry in entry_points(group=PLUGIN_GROUP):
+        if entry.name not in _REGISTERED and entry.name not in BUILT_IN:
+            register_model(entry.name, entry.load())
+
+
+def _constructor(name: str) -> Optional[Callable[..., Any]]:
+    if name not in _CLASSIFIERS and name not in _REGISTERED:
+        _load_plugins()
+    return _CLASSIFIERS.get(name) or _REGISTERED.get(name)
+
+
 def available_models():
-    return sorted(_CLASSIFIERS)
+    _load_plugins()
+    return sorted(set(_CLASSIFIERS) | set(_REGISTERED))
 
 
 def get_model(name: str, num_classes: int, axis_name: Optional[str] = None, dtype: Any = None):
     """Builds a classifier by registry name; the error for an unknown name lists the valid ones."""
-    if name not in _CLASSIFIERS:
+    constructor = _constructor(name)
+    if constructor is None:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return _CLASSIFIERS[name](num_classes, axis_name=axis_name, dtype=dtype)
+    return constructor(num_classes, axis_name=axis_name, dtype=dtype)
 
 
-__all__ = ["BN_MOMENTS", "BatchNorm", "ConditionalBatchNorm", "ConditionalGenerator",
-           "FeatureAdapter", "available_models", "get_model"]
+__all__ = ["BN_MOMENTS", "BUILT_IN", "BatchNorm", "ConditionalBatchNorm", "ConditionalGenerator",
+           "FeatureAdapter", "available_models", "get_model", "register_model",
+           "unregister_model"]
 
 
 def _fits(name: str, num_classes: int, size: int, channels: int) -> bool:

@@ -77,6 +77,10 @@ def save_model(path: str, spec: ModelSpec, variables: Dict[str, Any]) -> None:
     """Writes a model checkpoint; refuses to overwrite one silently half-written."""
     path = _abs(path)
     os.makedirs(path, exist_ok=True)
+    if jax.process_index() == 0:   # a save that a crash interrupted leaves these behind
+        for name in os.listdir(path):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
     variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
     ckpt = ocp.StandardCheckpointer()   # every process takes part; the primary one writes
     ckpt.save(os.path.join(path, "variables"), jax.device_get(variables), force=True)

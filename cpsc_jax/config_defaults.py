@@ -28,6 +28,10 @@ Fields:
     loss.{temperature, base_temperature}               SupCon
     mixed_precision       bfloat16 compute, float32 parameters and losses
     scan_unroll           0 auto, 1 lax.scan, 2 straight-line steps (see steps.scan_unroll)
+    conv_gradients        "auto" (custom VJP on CPU, lax's elsewhere), "stock" or "custom"
+                          (cpsc_jax.models.conv; same numbers up to float rounding)
+    bn_sync               "global" (BatchNorm moments of the global batch) or "local" (each
+                          device's own; running averages still averaged across devices)
     eval_batch_size, log_every, sample_columns
     log_conditioning      also log each generator term's pull on the class embeddings at every
                           evaluation (cpsc_jax.diagnostics; costs a few seconds of compilation)
@@ -134,6 +138,8 @@ def distillation_config(dataset: str, teacher: str = "resnet34",
 
     c.mixed_precision = False
     c.scan_unroll = 0
+    c.conv_gradients = "auto"
+    c.bn_sync = "global"
     c.eval_batch_size = 500
     c.log_every = 10
     c.sample_columns = 8

@@ -65,8 +65,14 @@ def validate_config(config, num_devices: int = 1) -> None:
     _check(config.image_size % (2 ** gen.num_upsamples) == 0,
            f"config.image_size={config.image_size} must be divisible by 2**generator.num_upsamples="
            f"{2 ** gen.num_upsamples}")
+    from cpsc_jax.data import check_protocol
+    check_protocol(config.data.name, config.data.protocol)
     _check(config.scan_unroll in (0, 1, 2),
            f"config.scan_unroll must be 0 (auto), 1 (lax.scan) or 2 (unrolled), got {config.scan_unroll!r}")
+    _check(config.conv_gradients in ("auto", "stock", "custom"),
+           f"config.conv_gradients must be 'auto', 'stock' or 'custom', got {config.conv_gradients!r}")
+    _check(config.bn_sync in ("global", "local"),
+           f"config.bn_sync must be 'global' or 'local', got {config.bn_sync!r}")
     profile_steps = config.get("profile_steps", 0)
     _check(isinstance(profile_steps, int) and not isinstance(profile_steps, bool)
            and profile_steps >= 0,

@@ -151,10 +151,22 @@ def data_parallel(fn: Callable, num_unmapped: int, num_mapped: int = 1,
                   num_outputs: int = 2, donate_state: bool = False) -> Callable:
     """`jax.pmap(fn)` over axis `AXIS`: the first `num_unmapped` arguments (state, teacher,
     ...) unreplicated, the next `num_mapped` mapped over their leading (local device) axis; every
-    output unreplicated. `donate_state` donates argument 0 (off on CPU, where XLA ignores it)."""
+    output unreplicated. `donate_state` donates argument 0 (off on CPU, where XLA ignores it).
+
+    In a single process the pmap is wrapped in a `jax.jit` (pmap is jit(shard_map) underneath,
+    so this compiles to the same program): that jit carries the XLA:CPU compiler options of
+    `cpsc_jax.models.conv.xla_cpu_conv_options` (convolutions off YNNPACK, per executable;
+    none off CPU or where the jaxlib does not know them), and is what `jax.export` exports.
+    Several processes keep the bare pmap, which turns each process's local arrays into global
+    ones itself."""
+    from cpsc_jax.models.conv import xla_cpu_conv_options
     in_axes = (None,) * num_unmapped + (0,) * num_mapped
-    return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, out_axes=(None,) * num_outputs,
-                    donate_argnums=(0,) if donate_state else ())
+    donate = (0,) if donate_state else ()
+    mapped = jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, out_axes=(None,) * num_outputs,
+                      donate_argnums=donate)
+    if jax.process_count() > 1:
+        return mapped
+    return jax.jit(mapped, donate_argnums=donate, compiler_options=xla_cpu_conv_options() or None)
 
 
 # ----------------------------------------------------------------------------- stopping
@@ -300,8 +312,10 @@ def check_run_config(workdir: str, config, harmless: Iterable[str], extendable: 
                 change = f"{key}: {a!r} -> {b!r}"
                 grows = (key in extendable and isinstance(a, (int, float))
                          and isinstance(b, (int, float)) and b > a)
-                minor = key in harmless or any(key.startswith(p) for p in harmless
-                                               if p.endswith("."))
+                minor = (key in harmless or any(key.startswith(p) for p in harmless
+                                                if p.endswith("."))
+                         # a field added or removed by another version of cpsc-jax
+                         or key not in before or key not in now)
                 (warned if minor or grows else refused).append(change)
             if refused:
                 raise RunError(f"{workdir} holds a run with another config ({path}); changed: "

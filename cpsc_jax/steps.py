@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from cpsc_jax import objectives, runtime
 from cpsc_jax.dtypes import at_least_float32
 from cpsc_jax.models import ConditionalGenerator, FeatureAdapter, get_model
+from cpsc_jax.models.layers import LayerOptions, with_options
 from cpsc_jax.train_state import (TrainState, adapter_optimizer, generator_optimizer,
                                   student_optimizer)
 
@@ -50,17 +51,20 @@ def build_networks(config, teacher, feature_dims: Optional[Tuple[int, int]] = No
     """Networks for distillation; `teacher` is a `cpsc_jax.teacher.Teacher` or a registry name.
     `feature_dims` = (student, teacher) feature widths; an adapter is added when they differ."""
     dtype = jnp.bfloat16 if config.mixed_precision else None
+    options = LayerOptions.from_config(config)   # conv gradients, BatchNorm sync
     k = config.num_classes
     gen = ConditionalGenerator(k, config.image_size, config.channels, config.generator.nz,
                                config.generator.ngf, config.generator.num_upsamples,
-                               axis_name=axis_name, dtype=dtype)
-    student = get_model(config.student.arch, k, axis_name=axis_name, dtype=dtype)
+                               axis_name=axis_name, dtype=dtype, options=options)
+    student = with_options(get_model(config.student.arch, k, axis_name=axis_name, dtype=dtype),
+                           options)
     if isinstance(teacher, str):
         teacher_net = get_model(teacher, k, axis_name=axis_name, dtype=dtype)
         unbound_teacher = get_model(teacher, k)
     else:
         teacher_net = teacher.build(axis_name, dtype)
         unbound_teacher = teacher.build(None, None)
+    teacher_net = with_options(teacher_net, options)
     if feature_dims is None:
         feature_dims = (feature_dim(get_model(config.student.arch, k), config),
                         feature_dim(unbound_teacher, config))

@@ -72,16 +72,21 @@ def _conform(split: Split, info: Dataset, where: str) -> Split:
     return Split(split.images, split.labels, info.num_classes, split.name)
 
 
+def check_protocol(name: str, protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise DataError(f"data.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "holdout" and name != "cifar10":
+        raise DataError(f"data.protocol='holdout' is defined for cifar10 only (train on "
+                        f"data_batch_1..4, test on data_batch_5), not {name!r}; use 'standard'")
+
+
 def load_split(data_config, split: str) -> Split:
     name = _get(data_config, "name")
     info = dataset_info(name)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     protocol = _get(data_config, "protocol", "standard") or "standard"
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"data.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if protocol == "holdout" and name != "cifar10":
-        raise ValueError(f"data.protocol='holdout' is defined for cifar10 only, not {name!r}")
+    check_protocol(name, protocol)
     if name == "digits":
         from cpsc_jax.data.digits import load_digits_split
         return load_digits_split(split)

@@ -13,12 +13,19 @@ custom VJP that builds both gradients as standard-form convolutions itself:
     cotangent as a kernel ([H_out, W_out, B, C_out], dilated by the stride), giving
     [C_in, kh, kw, C_out].
 
-`conv_general_dilated` is the drop-in for `lax.conv_general_dilated` that `flax.linen.Conv`
-takes; it uses `canonical_conv` where it applies and the stock convolution otherwise. Being a
-custom VJP, it supports reverse-mode autodiff only (no `jax.jvp` through the models on CPU).
+Which gradients a model's convs use is a run setting (`config.conv_gradients`, threaded to
+every conv as `LayerOptions.conv_gradients`): "auto" (the custom VJP on CPU, lax's own gradients
+elsewhere, where XLA:GPU maps them to cuDNN's backward kernels), "stock" or "custom" on any
+backend, so the CPU test suite runs the accelerator path too. `conv_function(gradients)` is the
+drop-in for `lax.conv_general_dilated` that `flax.linen.Conv` takes; it uses `canonical_conv`
+where it applies and the stock convolution otherwise. Being a custom VJP, it supports
+reverse-mode autodiff only (no `jax.jvp` through the models where it is used).
+
+`xla_cpu_conv_options()` are the XLA:CPU compiler options that keep these convolutions on
+XLA's own kernels instead of YNNPACK; `cpsc_jax.runtime.data_parallel` compiles with them.
 """
 import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -108,16 +115,28 @@ def _canonical_args(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilatio
     return strides, pads
 
 
-def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
-                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-                         feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision=None, preferred_element_type=None):
-    """`lax.conv_general_dilated`, with `canonical_conv`'s backward pass on CPU.
+CONV_GRADIENTS = ("auto", "stock", "custom")
 
-    Only on CPU (decided at trace time): XLA:GPU already maps JAX's own gradient convolutions to
-    cuDNN's backward-data/backward-filter kernels, which explicit transposes would only get in
-    the way of (untested there, so left alone)."""
-    if jax.default_backend() == "cpu":
+
+def uses_custom_gradients(gradients: str) -> bool:
+    """Whether convs with this `conv_gradients` setting take `canonical_conv`'s backward pass.
+
+    "auto" decides at trace time by the default backend: the custom VJP on CPU only, since
+    XLA:GPU already maps lax's own gradient convolutions to cuDNN's backward-data and
+    backward-filter kernels, which explicit transposes would only get in the way of."""
+    if gradients not in CONV_GRADIENTS:
+        raise ValueError(f"conv_gradients must be one of {', '.join(CONV_GRADIENTS)}, got "
+                         f"{gradients!r}")
+    if gradients == "auto":
+        return jax.default_backend() == "cpu"
+    return gradients == "custom"
+
+
+def _conv_general_dilated(gradients: str, lhs, rhs, window_strides: Sequence[int], padding,
+                          lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                          feature_group_count: int = 1, batch_group_count: int = 1,
+                          precision=None, preferred_element_type=None):
+    if uses_custom_gradients(gradients):
         args = _canonical_args(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                dimension_numbers, feature_group_count, batch_group_count,
                                preferred_element_type)
@@ -128,3 +147,47 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
+
+
+# One function object per setting (stable identities: a module holding one compares equal to
+# another built with the same setting).
+_CONV_FUNCTIONS: Dict[str, Callable] = {
+    g: functools.partial(_conv_general_dilated, g) for g in CONV_GRADIENTS}
+
+
+def conv_function(gradients: str = "auto") -> Callable:
+    """`lax.conv_general_dilated` with the backward pass `gradients` selects ("auto": the
+    custom VJP on CPU; "stock": lax's own; "custom": `canonical_conv`'s where it applies)."""
+    uses_custom_gradients(gradients)   # validates the name
+    return _CONV_FUNCTIONS[gradients]
+
+
+conv_general_dilated = _CONV_FUNCTIONS["auto"]   # today's default, for direct callers
+
+
+# ----------------------------------------------------------------------------- XLA:CPU options
+
+# By default XLA:CPU hands each convolution to YNNPACK, whose weight-gradient convolutions are
+# 3-6x slower than XLA's own (Eigen) ones on this workload (jaxlib 0.10.2; figures in
+# docs/RESULTS.md). As a compiler option it applies per executable, and a jaxlib that does not
+# know it rejects it at compile time instead of aborting the process as XLA_FLAGS would.
+XLA_CPU_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
+
+
+def xla_cpu_conv_options() -> Dict[str, str]:
+    """`XLA_CPU_CONV_OPTIONS` when the default backend is CPU and its jaxlib accepts them, else
+    {}: the compiler options for `jax.jit(..., compiler_options=...)`."""
+    if jax.default_backend() != "cpu" or not _xla_cpu_accepts(tuple(XLA_CPU_CONV_OPTIONS.items())):
+        return {}
+    return dict(XLA_CPU_CONV_OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_cpu_accepts(options: Tuple[Tuple[str, str], ...]) -> bool:
+    """Whether XLA:CPU compiles a one-op executable with these options (tried once)."""
+    try:
+        jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(
+            compiler_options=dict(options))
+    except Exception:  # noqa: BLE001 - an unknown option: XLA's error type varies by version
+        return False
+    return True

@@ -5,28 +5,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cpsc_jax.models.layers import BatchNorm, conv
+from cpsc_jax.models.layers import DEFAULT_OPTIONS, BatchNorm, LayerOptions, conv
 
 
 class ConditionalBatchNorm(nn.Module):
-    """BatchNorm without affine parameters, then a per-class scale gamma[y] and shift beta[y]."""
+    """BatchNorm without affine parameters, then a per-class scale gamma[y] and shift beta[y]
+    (applied in the BatchNorm's own pass: no float32 copy of the activation is kept)."""
 
     num_classes: int
     momentum: float = 0.9     # PyTorch momentum 0.1
     epsilon: float = 1e-3
     axis_name: Optional[str] = None
     dtype: Any = None
+    options: LayerOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x, y, train: bool = True):
         features = x.shape[-1]
-        h = BatchNorm(self.momentum, self.epsilon, use_affine=False, axis_name=self.axis_name,
-                      dtype=jnp.promote_types(x.dtype, jnp.float32), name="bn")(x, train)
         gamma = self.param("gamma", nn.initializers.ones, (self.num_classes, features), jnp.float32)
         beta = self.param("beta", nn.initializers.zeros, (self.num_classes, features), jnp.float32)
         shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (features,)
-        h = h * gamma[y].reshape(shape) + beta[y].reshape(shape)
-        return h.astype(self.dtype or x.dtype)
+        bn = BatchNorm(self.momentum, self.epsilon, use_affine=False, axis_name=self.axis_name,
+                       dtype=self.dtype, options=self.options, name="bn")
+        return bn(x, train, gamma[y].reshape(shape), beta[y].reshape(shape))
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
@@ -50,6 +51,7 @@ class ConditionalGenerator(nn.Module):
     num_upsamples: int = 2
     axis_name: Optional[str] = None
     dtype: Any = None
+    options: LayerOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, z, y, train: bool = True):
@@ -57,17 +59,18 @@ class ConditionalGenerator(nn.Module):
         if init * 2 ** self.num_upsamples != self.img_size:
             raise ValueError(f"img_size {self.img_size} is not divisible by 2**{self.num_upsamples}")
         cbn = lambda name: ConditionalBatchNorm(self.num_classes, axis_name=self.axis_name,
-                                                dtype=self.dtype, name=name)
+                                                dtype=self.dtype, options=self.options, name=name)
         h = nn.Dense(2 * self.ngf * init * init, dtype=self.dtype, name="l1")(z.astype(self.dtype or z.dtype))
         h = h.reshape(z.shape[0], init, init, 2 * self.ngf)
         h = cbn("bn0")(h, y, train)
         for i in range(1, self.num_upsamples + 1):
             width = self.ngf if i == self.num_upsamples else 2 * self.ngf
             h = upsample_nearest(h)
-            h = conv(width, 3, 1, 1, use_bias=True, dtype=self.dtype, name=f"conv{i}")(h)
+            h = conv(width, 3, 1, 1, use_bias=True, dtype=self.dtype, name=f"conv{i}",
+                     options=self.options)(h)
             h = nn.leaky_relu(cbn(f"bn{i}")(h, y, train), 0.2)
         h = conv(self.channels, 3, 1, 1, use_bias=True, dtype=self.dtype,
-                 name=f"conv{self.num_upsamples + 1}")(h)
+                 name=f"conv{self.num_upsamples + 1}", options=self.options)(h)
         h = jnp.tanh(h)
         # The released code applies a CBN after the tanh; kept for faithfulness.
         return cbn(f"bn{self.num_upsamples + 1}")(h, y, train)

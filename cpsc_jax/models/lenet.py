@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 
-from cpsc_jax.models.layers import BatchNorm, conv, max_pool
+from cpsc_jax.models.layers import DEFAULT_OPTIONS, BatchNorm, LayerOptions, conv, max_pool
 
 
 class LeNet5(nn.Module):
@@ -16,15 +16,18 @@ class LeNet5(nn.Module):
     use_bn: bool = False
     axis_name: Optional[str] = None
     dtype: Any = None
+    options: LayerOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
         w1, w2, w3, w4 = (c // self.width_divisor for c in (6, 16, 120, 84))
         x = x.astype(self.dtype or x.dtype)
         for i, (width, pool) in enumerate(((w1, True), (w2, True), (w3, False)), start=1):
-            x = conv(width, 5, use_bias=True, dtype=self.dtype, name=f"conv{i}")(x)
+            x = conv(width, 5, use_bias=True, dtype=self.dtype, name=f"conv{i}",
+                     options=self.options)(x)
             if self.use_bn:
-                x = BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name=f"bn{i}")(x, train)
+                x = BatchNorm(axis_name=self.axis_name, dtype=self.dtype, options=self.options,
+                              name=f"bn{i}")(x, train)
             x = nn.relu(x)
             if pool:
                 x = max_pool(x)

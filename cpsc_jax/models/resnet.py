@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cpsc_jax.models.layers import BatchNorm, conv, global_avg_pool
+from cpsc_jax.models.layers import DEFAULT_OPTIONS, BatchNorm, LayerOptions, conv, global_avg_pool
 
 
 class BasicBlock(nn.Module):
@@ -17,13 +17,16 @@ class BasicBlock(nn.Module):
     option_a: bool = False  # parameter-free shortcut (subsample + zero channel padding)
     axis_name: Optional[str] = None
     dtype: Any = None
+    options: LayerOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x, train: bool):
-        bn = lambda name: BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name=name)
-        out = conv(self.planes, 3, self.stride, 1, dtype=self.dtype, name="conv1")(x)
+        bn = lambda name: BatchNorm(axis_name=self.axis_name, dtype=self.dtype,
+                                    options=self.options, name=name)
+        out = conv(self.planes, 3, self.stride, 1, dtype=self.dtype, name="conv1",
+                   options=self.options)(x)
         out = nn.relu(bn("bn1")(out, train))
-        out = conv(self.planes, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
+        out = conv(self.planes, 3, 1, 1, dtype=self.dtype, name="conv2", options=self.options)(out)
         out = bn("bn2")(out, train)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
@@ -33,7 +36,7 @@ class BasicBlock(nn.Module):
                 shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (pad, pad)))
             else:
                 shortcut = conv(self.planes, 1, self.stride, 0, dtype=self.dtype,
-                                name="shortcut_0")(x)
+                                name="shortcut_0", options=self.options)(x)
                 shortcut = bn("shortcut_1")(shortcut, train)
         return nn.relu(out + shortcut)
 
@@ -48,16 +51,19 @@ class CifarResNet(nn.Module):
     option_a: bool = False
     axis_name: Optional[str] = None
     dtype: Any = None
+    options: LayerOptions = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
-        x = conv(self.widths[0], 3, 1, 1, dtype=self.dtype, name="conv1")(x.astype(self.dtype or x.dtype))
-        x = nn.relu(BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name="bn1")(x, train))
+        x = conv(self.widths[0], 3, 1, 1, dtype=self.dtype, name="conv1",
+                 options=self.options)(x.astype(self.dtype or x.dtype))
+        x = nn.relu(BatchNorm(axis_name=self.axis_name, dtype=self.dtype, options=self.options,
+                              name="bn1")(x, train))
         for stage, (blocks, width, stride) in enumerate(
                 zip(self.stage_sizes, self.widths, self.strides), start=1):
             for i in range(blocks):
                 x = BasicBlock(width, stride if i == 0 else 1, self.option_a, self.axis_name,
-                               self.dtype, name=f"layer{stage}_{i}")(x, train)
+                               self.dtype, self.options, name=f"layer{stage}_{i}")(x, train)
         feature = global_avg_pool(x)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(feature)
         return (logits, feature) if features else logits

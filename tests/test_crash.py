@@ -1,0 +1,141 @@
+"""Nothing is lost on a crash: a tiny distillation killed with SIGKILL at several points (mid
+epoch, while a metrics line is half written, during a run-checkpoint write, during the best and
+the final student writes) and re-run until done ends bit-identical to an uninterrupted run, with
+the same metrics.jsonl apart from timing fields.
+
+Each run is `cpsc-train` in a subprocess started through a small launcher (below) that SIGKILLs
+its own process at the planned point: `iteration:N` (before the N-th iteration of that process),
+`metrics:N` (half-way through writing the N-th metrics line), `commit:N` (during the N-th orbax
+commit, after the data and before the rename that makes it visible) and `student` (during the
+commit of the final student).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from cpsc_jax import checkpoint as ckpt_lib
+
+pytestmark = pytest.mark.slow
+
+LAUNCHER = r"""
+import os, signal, sys
+plan = os.environ.get("CPSC_TEST_KILL", "")
+kind, _, n = plan.partition(":")
+n = int(n or 0)
+count = {"iteration": 0, "metrics": 0, "commit": 0}
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if kind == "iteration":
+    from cpsc_jax import runtime
+    original = runtime.stop_if_requested
+    def stop_if_requested():
+        count["iteration"] += 1
+        if count["iteration"] == n:
+            die()
+        original()
+    runtime.stop_if_requested = stop_if_requested
+if kind == "metrics":
+    from cpsc_jax import metrics
+    write = metrics.JsonlWriter.write
+    def torn_write(self, step, record):
+        count["metrics"] += 1
+        if count["metrics"] == n:
+            with open(self.path, "a") as f:
+                f.write('{"step": %d, "half' % step)
+            die()
+        write(self, step, record)
+    metrics.JsonlWriter.write = torn_write
+if kind in ("commit", "student"):
+    from orbax.checkpoint._src.path import atomicity
+    commit = atomicity.on_commit_callback
+    async def on_commit(tmp_dir, **kw):
+        count["commit"] += 1
+        final = str(tmp_dir.get_final())
+        if (kind == "commit" and count["commit"] == n) or (
+                kind == "student" and "/student/" in final + "/"):
+            die()
+        return await commit(tmp_dir, **kw)
+    atomicity.on_commit_callback = on_commit
+from cpsc_jax.cli.train import main
+main(sys.argv)
+"""
+
+ARGS = ["--config", "digits", "--config.batch_size=16", "--config.epochs=3",
+        "--config.epoch_itrs=4", "--config.g_steps=1", "--config.s_steps=1",
+        "--config.generator.nz=8", "--config.generator.ngf=4", "--config.log_every=1",
+        "--config.sample_columns=2", "--config.warmup_epochs=1"]
+TIMING = {"elapsed_s"}
+
+
+def _start(workdir, teacher, plan=""):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CPSC_TEST_KILL=plan,
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.Popen([sys.executable, "-c", LAUNCHER, *ARGS, f"--workdir={workdir}",
+                             f"--config.teacher.checkpoint={teacher}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+
+
+def _finish(proc):
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _launch(workdir, teacher, plan=""):
+    return _finish(_start(workdir, teacher, plan))
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def _flat(variables):
+    import jax
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(variables)])
+
+
+def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path, digits_teacher):
+    reference = _start(tmp_path / "ref", digits_teacher)   # beside the crashing runs
+    workdir = tmp_path / "crashed"
+    evidence = []
+    # 12 iterations, checkpoints after 4, 8, 12; metrics lines: one per iteration + per epoch.
+    for plan in ("iteration:7",     # mid epoch 2: epoch 1's checkpoint is the last
+                 "metrics:3",       # a torn metrics line (epoch 2's 3rd iteration record)
+                 "commit:2",        # the second orbax commit of this process: a run checkpoint
+                 "student"):        # during the final student's write
+        r = _launch(workdir, digits_teacher, plan)
+        assert r.returncode == -9, (plan, r.returncode, r.stderr[-3000:])
+        tmp_dirs = [p for p in workdir.rglob("*") if ".orbax-checkpoint-tmp" in p.name]
+        evidence.append((plan, len(tmp_dirs), (workdir / "student").exists(),
+                         ckpt_lib.is_model_checkpoint(str(workdir / "student"))))
+    ref = _finish(reference)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    done = _launch(workdir, digits_teacher)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from iteration" in done.stdout
+    # The kills did land inside the writes: a torn commit was left behind, and the final
+    # student existed only as an unfinished directory (no model.json) before the last run.
+    assert evidence[2][1] > 0, evidence                  # commit:2 left a torn commit
+    assert evidence[3][2] and not evidence[3][3], evidence   # student/ begun, never finished
+
+    _, a = ckpt_lib.load_model(str(tmp_path / "ref" / "student"))
+    _, b = ckpt_lib.load_model(str(workdir / "student"))
+    assert np.array_equal(_flat(a), _flat(b)), "the resumed student differs"
+    _, a = ckpt_lib.load_model(str(tmp_path / "ref" / "student_best"))
+    _, b = ckpt_lib.load_model(str(workdir / "student_best"))
+    assert np.array_equal(_flat(a), _flat(b)), "the resumed best student differs"
+    read = lambda d: [json.loads(l) for l in open(d / "metrics.jsonl")]
+    assert _without_timing(read(tmp_path / "ref")) == _without_timing(read(workdir))
+    ra = json.loads((tmp_path / "ref" / "results.json").read_text())
+    rb = json.loads((workdir / "results.json").read_text())
+    assert _without_timing(ra["history"]) == _without_timing(rb["history"])
+    assert rb["elapsed_s"] > ra["elapsed_s"] * 0.5   # killed invocations' time is counted too
+    assert not [p for p in (workdir / "checkpoints").iterdir()
+                if ".orbax-checkpoint-tmp" in p.name], "torn checkpoint left behind"

@@ -4,7 +4,9 @@
 batch and returns, per weighted term and for their sum:
 
   emb_norm     gradient norm on the class embeddings (gamma and beta of every conditional BN:
-               the only parameters through which the label y enters the image)
+               the only parameters through which the label y enters the image); also per
+               conditional BN layer (bn0 after the first linear layer ... the last, after the
+               tanh) in emb_norm_by_layer
   all_norm     gradient norm on all generator parameters
   emb_cos      cosine between the term's embedding gradient and the total's
   sign_agree   fraction of embedding coordinates with a non-zero total gradient whose sign the
@@ -68,8 +70,10 @@ def make_conditioning_gradients(nets, config):
         out = {}
         for n, g in grads.items():
             e = _flat(emb(g))
+            per_layer = {layer: _norm({k: v for k, v in g[layer].items() if k in ("gamma", "beta")})
+                         for layer in g if isinstance(g[layer], dict) and "gamma" in g[layer]}
             out[n] = {
-                "emb_norm": _norm(emb(g)), "all_norm": _norm(g),
+                "emb_norm": _norm(emb(g)), "all_norm": _norm(g), "emb_norm_by_layer": per_layer,
                 "emb_cos": jnp.dot(e, total_emb) / jnp.maximum(
                     jnp.linalg.norm(e) * jnp.linalg.norm(total_emb), 1e-30),
                 "sign_agree": jnp.sum((jnp.sign(e) == jnp.sign(total_emb)) & nonzero)

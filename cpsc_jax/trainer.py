@@ -16,6 +16,7 @@ WORKDIR after a run:
     student_best/         the student of the best epoch (when evaluated)
     results.json          accuracies (final, best), faithfulness, wall time, history
 """
+import contextlib
 import json
 import os
 import time
@@ -32,7 +33,8 @@ from cpsc_jax import images as images_lib
 from cpsc_jax import runtime, steps
 from cpsc_jax.config_validation import validate_config, validate_teacher
 from cpsc_jax.evaluation import accuracy
-from cpsc_jax.metrics import JsonlWriter, Progress, format_duration
+from cpsc_jax.metrics import (JsonlWriter, ProfileWindow, Progress, format_duration,
+                              learning_rates, summary_writer)
 from cpsc_jax.models import get_model
 from cpsc_jax.teacher import Teacher
 
@@ -80,8 +82,10 @@ def save_samples(path: str, images: np.ndarray, probe: faithfulness.Probe, predi
     idx = np.stack([np.flatnonzero(probe.labels == k)[:cols] for k in classes])   # [rows, cols]
     tiles = data_lib.denormalize(images[idx], mean, std)
     wrong = predicted[idx] != probe.labels[idx]
-    images_lib.write_png(path, images_lib.labelled_grid(
-        tiles, [str(k) for k in classes], wrong, scale=max(1, 32 // config.image_size)))
+    grid = images_lib.labelled_grid(tiles, [str(k) for k in classes], wrong,
+                                    scale=max(1, 32 // config.image_size))
+    images_lib.write_png(path, grid)
+    return grid
 
 
 def _finished_results(workdir: str, total: int) -> Optional[Dict[str, Any]]:
@@ -124,14 +128,15 @@ def train_and_evaluate(config, workdir: str, teacher: Teacher, log: Callable = p
                        " best" if done.get("student_accuracy") is not None else "not evaluated")
                     + f" -> {os.path.join(workdir, RESULTS)}")
                 return done
-            return _run(config, workdir, teacher, topo, checkpointer, latest, say,
-                        stop_after_epochs, eval_sets)
+            with contextlib.ExitStack() as outputs:   # TensorBoard, profiler: closed on any exit
+                return _run(config, workdir, teacher, topo, checkpointer, latest, say,
+                            stop_after_epochs, eval_sets, outputs)
         finally:
             checkpointer.close()
 
 
 def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_epochs,
-         eval_sets) -> Dict[str, Any]:
+         eval_sets, outputs) -> Dict[str, Any]:
     mean, std = teacher.mean, teacher.std   # the normalisation the teacher was trained with
     if eval_sets == "config":
         eval_sets = data_lib.eval_splits(config.data)
@@ -175,6 +180,11 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
     ids = topo.device_ids()
     writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=latest,
                          enabled=topo.is_writer)
+    tb = outputs.enter_context(summary_writer(os.path.join(workdir, "tensorboard"),
+                                              resume_step=latest, enabled=topo.is_writer))
+    if latest is None:
+        tb.write_hparams(config)
+        tb.write(0, {f"teacher_accuracy/{k}": v for k, v in teacher_accs.items()})
     if topo.is_writer:
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
 
@@ -189,9 +199,13 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
             conditioning, state, teacher_vars, config,
             jax.random.fold_in(jax.random.PRNGKey(config.seed + 777), step))
         writer.write(step, diagnostics.flatten(figures))
+        tb.write(step, diagnostics.flatten(figures))
 
     total = config.epochs * config.epoch_itrs
     start = int(state.step)
+    profiler = outputs.enter_context(ProfileWindow(
+        os.path.join(workdir, "profile"), config.get("profile_steps", 0), start_after=start + 1,
+        enabled=topo.is_writer))
     progress = Progress(total, start, enabled=topo.is_writer)
     epochs_run, step = 0, start
     say(f"distilling {config.student.arch} from {teacher.name}: {total} iterations "
@@ -205,12 +219,15 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
         step += 1
         if step == start + 1:
             progress.mark(step)   # rate and ETA exclude compilation
+        profiler.after_iteration(step, state)
         epoch_end = step % config.epoch_itrs == 0
         if runtime.is_time(step, config.log_every) or epoch_end:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             runtime.check_finite(m, f"at iteration {step}",
                                  _divergence_advice(checkpointer, workdir, teacher))
+            m.update(learning_rates(config, step))
             writer.write(step, m)
+            tb.write(step, m)
             acc_text = ""
             if meta["history"]:
                 last = meta["history"][-1]
@@ -246,13 +263,17 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
                                 "accuracies": accs, "faithfulness": faithful,
                                 "elapsed_s": round(total_elapsed, 1)})
         if topo.is_writer:
-            save_samples(os.path.join(workdir, "samples", f"epoch_{epoch:04d}.png"), generated,
-                         probe, predicted, config, mean, std)
+            grid = save_samples(os.path.join(workdir, "samples", f"epoch_{epoch:04d}.png"),
+                                generated, probe, predicted, config, mean, std)
+            tb.write_image(step, "samples", grid)
         # The record goes first: a kill before the checkpoint below only repeats this epoch.
-        writer.write(step, {"epoch": epoch, "student_accuracy": acc,
-                            "best_student_accuracy": meta["best_student_accuracy"],
-                            **{f"student_accuracy/{k}": v for k, v in accs.items()},
-                            **faithfulness.scalars(faithful), "elapsed_s": total_elapsed})
+        record = {"epoch": epoch, "student_accuracy": acc,
+                  "best_student_accuracy": meta["best_student_accuracy"],
+                  **{f"student_accuracy/{k}": v for k, v in accs.items()},
+                  **faithfulness.scalars(faithful), "elapsed_s": total_elapsed}
+        writer.write(step, record)
+        tb.write(step, record)
+        tb.flush()
         if conditioning is not None:
             log_conditioning(step)
         if improved:

@@ -48,6 +48,10 @@ def assert_one_line_error(code, err, *words):
     assert len(lines) == 1, err
     for w in words:
         assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    if os.environ.get("CPSC_RELIABILITY_LOG"):   # collects the table of docs/RELIABILITY.md
+        with open(os.environ["CPSC_RELIABILITY_LOG"], "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+                                "message": lines[0]}) + "\n")
     return lines[0]
 
 

@@ -189,3 +189,29 @@ def test_cifar10_holdout_run_reports_batch5_and_the_1017_test_images(tmp_path):
             evaluation.evaluate_checkpoint(teacher, data)["accuracy"])
         assert r["student_accuracies"][key] == pytest.approx(
             evaluation.evaluate_checkpoint(r["student_checkpoint"], data)["accuracy"])
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
+    import shutil
+    state = {"w": np.arange(4.0, dtype=np.float32)}
+    manager = ckpt_lib.RunCheckpointer(str(tmp_path / "ckpt"))
+    manager.save(1, state, {"epoch": 1})
+    manager.save(2, {"w": state["w"] + 1}, {"epoch": 2})
+    manager.close()
+    # Tear the newest step's state (as a disk fault would), and leave a crashed save's
+    # temporary directory behind.
+    for p in (tmp_path / "ckpt" / "2" / "state").iterdir():
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.write_bytes(b"")
+    (tmp_path / "ckpt" / "3.orbax-checkpoint-tmp-123").mkdir()
+    warnings = []
+    manager = ckpt_lib.RunCheckpointer(str(tmp_path / "ckpt"))
+    restored, meta, step = manager.restore_latest_intact(
+        {"w": jax.ShapeDtypeStruct((4,), np.float32)}, log=warnings.append)
+    manager.close()
+    assert step == 1 and meta == {"epoch": 1}
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert warnings and "checkpoint" in warnings[0] and "unreadable" in warnings[0]
+    assert not (tmp_path / "ckpt" / "3.orbax-checkpoint-tmp-123").exists()

@@ -215,3 +215,26 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert warnings and "checkpoint" in warnings[0] and "unreadable" in warnings[0]
     assert not (tmp_path / "ckpt" / "3.orbax-checkpoint-tmp-123").exists()
+
+
+def test_train_and_evaluate_in_process(tmp_path, digits_teacher_model):
+    """End to end in one process, as flax/examples/imagenet/train_test.py does: a tiny config,
+    a workdir, and every artefact a run promises."""
+    config = tiny_digits_config()
+    workdir = tmp_path / "run"
+    results = train_and_evaluate(config, str(workdir), digits_teacher_model, log=quiet)
+    assert results["iterations"] == config.epochs * config.epoch_itrs
+    assert 0.0 <= results["student_accuracy"] <= 100.0
+    assert set(results["faithfulness"]) >= {"agreement", "confidence", "diversity",
+                                            "real_diversity", "per_class_agreement"}
+    assert len(results["faithfulness"]["per_class_agreement"]) == config.num_classes
+    for name in ("config.json", "metrics.jsonl", "results.json", "student/model.json",
+                 "student_best/model.json", "samples/epoch_0002.png"):
+        assert (workdir / name).exists(), name
+    assert json.loads((workdir / "config.json").read_text())["batch_size"] == config.batch_size
+    spec, variables = ckpt_lib.load_model(str(workdir / "student"))
+    test = data_lib.load_split({"name": "digits"}, "test")
+    acc = evaluation.accuracy(spec.build(), variables, test, spec.mean, spec.std)
+    assert acc == pytest.approx(results["student_accuracy"])
+    best_spec, _ = ckpt_lib.load_model(str(workdir / "student_best"))
+    assert best_spec.extra["epoch"] == results["best_epoch"]

@@ -166,7 +166,10 @@ def data_parallel(fn: Callable, num_unmapped: int, num_mapped: int = 1,
                       donate_argnums=donate)
     if jax.process_count() > 1:
         return mapped
-    return jax.jit(mapped, donate_argnums=donate, compiler_options=xla_cpu_conv_options() or None)
+
+    def step(*args):   # a plain function: jit would copy pmap's own `lower` onto its wrapper
+        return mapped(*args)
+    return jax.jit(step, donate_argnums=donate, compiler_options=xla_cpu_conv_options() or None)
 
 
 # ----------------------------------------------------------------------------- stopping

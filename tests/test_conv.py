@@ -134,3 +134,70 @@ def test_scan_body_has_only_standard_form_convolutions(stride, kernel, pad):
     labels = re.findall(r"\bconvolution\(.*?dim_labels=([\w>-]+)", hlo)
     assert len(labels) >= 3, hlo           # forward, dX, dW
     assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+# ----------------------------------------------------------------------------- the switch
+
+
+def _conv_forms(fn, *args):
+    """The dimension numbers of every convolution in jit(fn)'s StableHLO (before XLA)."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return set(re.findall(r"stablehlo\.convolution.*?dim_numbers = (\[.*?\]x\[.*?\]->\[.*?\])",
+                          text))
+
+
+STANDARD_FORM = "[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]"
+
+
+@pytest.mark.parametrize("gradients,custom", [("stock", False), ("custom", True),
+                                              ("auto", jax.default_backend() == "cpu")])
+def test_conv_gradients_setting_selects_the_backward_pass(gradients, custom):
+    """With the custom VJP every gradient convolution is in the standard form; with lax's own
+    gradients dX and dW are convolutions in other layouts."""
+    from cpsc_jax.models.conv import conv_function
+    from cpsc_jax.models.layers import LayerOptions
+    x, w = _inputs(2, 8, 3, 4, 3)
+    fn = lambda x, w, s, p: conv_function(gradients)(x, w, s, p, dimension_numbers=CANONICAL)
+    forms = _conv_forms(jax.grad(_loss(fn, 2, 1), (0, 1)), x, w)
+    assert (forms == {STANDARD_FORM}) == custom, forms
+    layer = conv(4, 3, 2, 1, options=LayerOptions(conv_gradients=gradients))
+    variables = layer.init(jax.random.PRNGKey(0), x)
+    forms = _conv_forms(jax.grad(lambda v, x: jnp.sum(layer.apply(v, x) ** 2), (0, 1)),
+                        variables, x)
+    assert (forms == {STANDARD_FORM}) == custom, forms
+    with pytest.raises(ValueError, match="conv_gradients must be one of"):
+        conv_function("fast")
+
+
+# ----------------------------------------------------------------------------- XLA:CPU options
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
+def test_data_parallel_compiles_convolutions_off_ynnpack():
+    """The data-parallel wrapper's executables keep convolutions off YNNPACK where this jaxlib
+    supports it (seen in the optimised HLO); the benchmark's override puts them back."""
+    from cpsc_jax import runtime
+    from cpsc_jax.benchmark import YNN_CONVOLUTION_OPTIONS
+    from cpsc_jax.models.conv import XLA_CPU_CONV_OPTIONS, xla_cpu_conv_options, ynn_fusions
+    options = xla_cpu_conv_options()
+    if not options:
+        pytest.skip("this jaxlib does not take convolutions off YNNPACK by compiler option")
+    assert options == XLA_CPU_CONV_OPTIONS
+
+    def step(w, x, ids):
+        del ids
+        y = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=CANONICAL)
+        return w, jax.lax.pmean(jnp.sum(y), runtime.AXIS)
+
+    fn = runtime.data_parallel(step, num_unmapped=2)
+    topo = runtime.topology(max_devices=1)
+    lowered = fn.lower(jnp.ones((3, 3, 32, 32)), jnp.ones((8, 16, 16, 32)), topo.device_ids())
+    assert ynn_fusions(lowered.compile().as_text())["convolution"] == 0
+    back_on = lowered.compile(compiler_options=YNN_CONVOLUTION_OPTIONS)
+    assert ynn_fusions(back_on.as_text())["convolution"] == 1
+
+
+def test_unknown_xla_options_fall_back_silently():
+    from cpsc_jax.models.conv import _takes_convs_off_ynnpack
+    assert not _takes_convs_off_ynnpack((("xla_cpu_experimental_ynn_fusion_type", "NO_SUCH_TYPE"),))
+    assert not _takes_convs_off_ynnpack((("xla_no_such_option_at_all", "1"),))

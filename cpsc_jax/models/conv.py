@@ -25,6 +25,7 @@ reverse-mode autodiff only (no `jax.jvp` through the models where it is used).
 XLA's own kernels instead of YNNPACK; `cpsc_jax.runtime.data_parallel` compiles with them.
 """
 import functools
+import re
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -167,27 +168,57 @@ conv_general_dilated = _CONV_FUNCTIONS["auto"]   # today's default, for direct c
 
 # ----------------------------------------------------------------------------- XLA:CPU options
 
-# By default XLA:CPU hands each convolution to YNNPACK, whose weight-gradient convolutions are
-# 3-6x slower than XLA's own (Eigen) ones on this workload (jaxlib 0.10.2; figures in
-# docs/RESULTS.md). As a compiler option it applies per executable, and a jaxlib that does not
-# know it rejects it at compile time instead of aborting the process as XLA_FLAGS would.
-XLA_CPU_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
+# By default XLA:CPU (jaxlib 0.10.2) hands each convolution and each dot to YNNPACK, whose
+# weight-gradient convolutions are 3-6x slower than XLA's own (Eigen) ones on this workload
+# (figures in docs/RESULTS.md). The XLA_FLAGS spelling `--xla_cpu_experimental_ynn_fusion_type=
+# -individual_convolution` removes convolutions from the default list; a compiler option
+# cannot say "minus" and sets the whole list: YNNPACK for individual dots only. As a compiler
+# option it applies per executable, and a jaxlib that does not know it rejects it at compile
+# time instead of aborting the process as XLA_FLAGS would.
+XLA_CPU_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def xla_cpu_conv_options() -> Dict[str, str]:
-    """`XLA_CPU_CONV_OPTIONS` when the default backend is CPU and its jaxlib accepts them, else
-    {}: the compiler options for `jax.jit(..., compiler_options=...)`."""
-    if jax.default_backend() != "cpu" or not _xla_cpu_accepts(tuple(XLA_CPU_CONV_OPTIONS.items())):
+    """`XLA_CPU_CONV_OPTIONS` when the default backend is CPU and they do what they are for on
+    its jaxlib (`_takes_convs_off_ynnpack`), else {}: compiler options for `jax.jit`."""
+    if (jax.default_backend() != "cpu"
+            or not _takes_convs_off_ynnpack(tuple(XLA_CPU_CONV_OPTIONS.items()))):
         return {}
     return dict(XLA_CPU_CONV_OPTIONS)
 
 
+def ynn_fusions(hlo_text: str) -> Dict[str, int]:
+    """How many convolutions and dots of an optimised HLO module run in YNNPACK fusions."""
+    called = re.findall(r"calls=(%[\w.-]+)[^\n]*__ynn_fusion", hlo_text)
+    counts = {"convolution": 0, "dot": 0}
+    for name in called:
+        body = re.search(re.escape(name) + r" [^\n]*\{\n(.*?)\n\}", hlo_text, re.S)
+        for op in counts:
+            counts[op] += len(re.findall(rf"\b{op}\(", body.group(1))) if body else 0
+    return counts
+
+
 @functools.lru_cache(maxsize=None)
-def _xla_cpu_accepts(options: Tuple[Tuple[str, str], ...]) -> bool:
-    """Whether XLA:CPU compiles a one-op executable with these options (tried once)."""
+def _takes_convs_off_ynnpack(options: Tuple[Tuple[str, str], ...]) -> bool:
+    """Whether, on this jaxlib, a convolution runs in YNNPACK by default and not with
+    `options`, while a dot stays where the default puts it (tried once on two tiny programs;
+    False also when XLA rejects the options)."""
+    # Shapes large enough for XLA to consider YNNPACK at all (compiled only, never run).
+    x, w = (jax.ShapeDtypeStruct((8, 16, 16, 32), jnp.float32),
+            jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32))
+    a, b = (jax.ShapeDtypeStruct((2048, 32), jnp.float32),
+            jax.ShapeDtypeStruct((32, 32), jnp.float32))
+    programs = {"convolution": (lambda x, w: _plain_conv(x, w, (1, 1), ((1, 1), (1, 1)), None),
+                                (x, w)),
+                "dot": (lambda a, b: a @ b, (a, b))}
     try:
-        jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(
-            compiler_options=dict(options))
-    except Exception:  # noqa: BLE001 - an unknown option: XLA's error type varies by version
+        for op, (fn, args) in programs.items():
+            lowered = jax.jit(fn).lower(*args)
+            default = ynn_fusions(lowered.compile().as_text())[op]
+            chosen = ynn_fusions(lowered.compile(compiler_options=dict(options)).as_text())[op]
+            if (op == "convolution" and not (default and not chosen)) or (
+                    op == "dot" and chosen != default):
+                return False
+    except Exception:  # noqa: BLE001 - an unknown option or value: XLA's error type varies
         return False
     return True

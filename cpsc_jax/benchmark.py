@@ -16,7 +16,17 @@ What is measured, per framework, on the same networks, shapes and global batch:
   * MFU = FLOPs / time / peak, for devices in `PEAK_FLOPS` (null elsewhere, e.g. CPUs);
   * peak device memory where the backend reports it (GPU), and XLA's compiled memory analysis.
 
+Hygiene: the 1-min load average is recorded before and after; a comparison is refused when the
+load already exceeds the core count at the start (`force=True` overrides) and flagged loudly
+(`"WARNING"`, first key of the JSON) when it does at either end. PyTorch's OpenMP worker threads
+spin for a while after each call before they sleep, and libgomp has no switch for that at run
+time, so after every PyTorch call the harness waits (untimed) until they sleep: they are passive
+whenever a JAX call is timed.
+
 `run_benchmark(config, ...)` returns one flat JSON-able dict; `scripts/benchmark.py` prints it.
+`analyse(config)` compiles (never runs) the generator step, the student step and the iteration
+and sets XLA's FLOP count against an analytic count of the necessary matmul/conv work, with
+XLA's compiled memory analysis at the config's batch.
 """
 import dataclasses
 import functools
@@ -25,11 +35,13 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cpsc_jax.errors import UserError
 
 # Dense (no sparsity) peak FLOP/s per device, from the vendors' data sheets. "fp32" is the plain
 # FP32 vector rate; "tf32" the tensor-core rate XLA and cuDNN use for f32 matmuls/convs by
@@ -45,9 +57,16 @@ PEAK_FLOPS: Dict[str, Dict[str, float]] = {
 # XLA:CPU flags found to speed this workload up (jaxlib 0.10.2, x86 AVX-512; see the README's
 # Benchmark section). By default XLA:CPU hands each convolution to YNNPACK, whose weight-gradient
 # convolutions are 3-6x slower than XLA's own (Eigen) ones: one 3x3 128->128 conv on 256x16x16,
-# dW 729 -> 182 ms, forward 170 -> 141 ms. Opt-in only: XLA aborts on flags it does not know, so
-# a jaxlib without this flag (e.g. another machine's) would not start with it.
+# dW 729 -> 182 ms, forward 170 -> 141 ms. The project's data-parallel functions now compile
+# with the same setting as a per-executable compiler option
+# (`cpsc_jax.models.conv.xla_cpu_conv_options`); the process-wide flag stays for older commands.
+# Opt-in only: XLA aborts on flags it does not know.
 CPU_TUNED_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+# Compiler options that put convolutions back on YNNPACK (jaxlib 0.10.2's default list, as its
+# optimised HLO shows), to compare against the project's default.
+YNN_CONVOLUTION_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                           "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                           "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
 
 def peak_flops(device_kind: str, precision: str) -> Optional[float]:
@@ -108,6 +127,108 @@ def load_average() -> Optional[List[float]]:
         return None
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class LoadTooHigh(UserError, RuntimeError):
+    """The machine is busier than it has cores: timings would measure the other jobs."""
+
+
+def check_load(force: bool = False, cores: Optional[int] = None,
+               load: Optional[List[float]] = None) -> Optional[List[float]]:
+    """The 1/5/15-min load now; raises `LoadTooHigh` when the 1-min load exceeds the core
+    count, unless `force`."""
+    cores = cores or cpu_cores()
+    load = load_average() if load is None else load
+    if load is not None and load[0] > cores and not force:
+        raise LoadTooHigh(f"the 1-min load average is {load[0]} on {cores} cores: timings taken "
+                          "now measure the other jobs too. Wait for a quieter machine, or pass "
+                          "--force to time anyway (the result is then flagged)")
+    return load
+
+
+def flag_load(result: Dict[str, Any], cores: Optional[int] = None) -> Dict[str, Any]:
+    """`result` with `cores`, `load_above_cores` and, when the 1-min load at the start or at
+    the end exceeded the cores, a "WARNING" as its first key."""
+    cores = cores or cpu_cores()
+    ends = [l[0] for l in (result.get("load_avg_start"), result.get("load_avg_end")) if l]
+    above = any(l > cores for l in ends)
+    result = dict(result, cores=cores, load_above_cores=above)
+    if above:
+        result = {"WARNING": f"1-min load {result.get('load_avg_start')} -> "
+                             f"{result.get('load_avg_end')} above the {cores} cores: these "
+                             "timings are not comparable", **result}
+    return result
+
+
+# ----------------------------------------------------------------------------- OpenMP threads
+
+
+def thread_ids() -> Optional[FrozenSet[int]]:
+    """This process's thread ids (Linux), or None."""
+    try:
+        return frozenset(int(t) for t in os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
+def running_threads(tids) -> List[int]:
+    """Those of `tids` that are running or runnable (state R: e.g. an OpenMP thread spinning)."""
+    running = []
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue   # the thread has ended
+        if stat[stat.rindex(")") + 2] == "R":
+            running.append(tid)
+    return running
+
+
+def wait_until_asleep(tids, timeout_s: float = 0.5, poll_s: float = 2e-4) -> Tuple[bool, float]:
+    """Waits until none of `tids` runs (libgomp's workers spin up to GOMP_SPINCOUNT iterations
+    after a parallel region, then sleep); returns (asleep, seconds waited)."""
+    start = time.perf_counter()
+    while True:
+        if not running_threads(tids):
+            return True, time.perf_counter() - start
+        if time.perf_counter() - start > timeout_s:
+            return False, time.perf_counter() - start
+        time.sleep(poll_s)
+
+
+class ParkedThreads:
+    """Calls that, after each timed call, wait (untimed) until `tids` sleep: PyTorch's OpenMP
+    workers, so that they are passive while the next variant (JAX's) is timed."""
+
+    def __init__(self, tids):
+        self.tids = frozenset(tids or ())
+        self.waits_s: List[float] = []
+        self.timeouts = 0
+
+    def wrap(self, run: Callable[[], float]) -> Callable[[], float]:
+        def parked() -> float:
+            seconds = run()
+            if self.tids:
+                asleep, waited = wait_until_asleep(self.tids)
+                self.waits_s.append(waited)
+                self.timeouts += not asleep
+            return seconds
+        return parked
+
+    def summary(self) -> Dict[str, Any]:
+        return {"torch_threads_parked": len(self.tids),
+                "torch_park_wait_ms_median": (round(1e3 * statistics.median(self.waits_s), 3)
+                                              if self.waits_s else None),
+                "torch_park_timeouts": self.timeouts}
+
+
 # ----------------------------------------------------------------------------- XLA analysis
 
 
@@ -155,7 +276,8 @@ class JaxRunner:
     """The JAX iteration (and its phases) compiled ahead of time on random networks."""
 
     def __init__(self, config, num_devices: Optional[int] = None, phases: bool = True,
-                 donate: bool = True, seed: int = 0, log: Callable[[str], None] = print):
+                 donate: bool = True, seed: int = 0, log: Callable[[str], None] = print,
+                 compiler_options: Optional[Dict[str, Any]] = None):
         from cpsc_jax import runtime, steps
         from cpsc_jax.checkpoint import ModelSpec, init_variables
 
@@ -191,7 +313,8 @@ class JaxRunner:
         for name, fn in fns.items():
             t0 = time.perf_counter()
             lowered = fn.lower(self.state, self.teacher_vars, self.ids)
-            compiled = lowered.compile()
+            # On top of the data-parallel function's own options (later ones win).
+            compiled = lowered.compile(compiler_options=compiler_options)
             self.compile_s[name] = time.perf_counter() - t0
             self.compiled[name] = compiled
             self.flops[name] = xla_flops(compiled)
@@ -223,6 +346,191 @@ class JaxRunner:
         scale = lambda f: None if f is None else f * n
         return {"iteration": scale(it), "generator_phase": scale(g),
                 "student_phase": scale(s), "source": source}
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def _conv_flops(eqn) -> float:
+    """2 x the multiply-adds of a convolution that read an input element, not padding (as XLA's
+    cost analysis counts them)."""
+    p = eqn.params
+    lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    out = eqn.outvars[0].aval.shape
+    dn = p["dimension_numbers"]
+    taps = 1
+    for i, (ld, rd, od) in enumerate(zip(dn.lhs_spec[2:], dn.rhs_spec[2:], dn.out_spec[2:])):
+        stride = p["window_strides"][i]
+        lo, _ = p["padding"][i]
+        l_dil = (p.get("lhs_dilation") or (1,) * len(p["window_strides"]))[i]
+        r_dil = (p.get("rhs_dilation") or (1,) * len(p["window_strides"]))[i]
+        # Index into the (lhs-dilated) input of every (output position, kernel tap) pair.
+        index = (np.arange(out[od])[:, None] * stride - lo + np.arange(rhs[rd])[None, :] * r_dil)
+        extent = (lhs[ld] - 1) * l_dil + 1
+        taps *= int(np.sum((index >= 0) & (index < extent) & (index % l_dil == 0)))
+    # in-features per group x output features x batch x valid taps
+    return 2.0 * rhs[dn.rhs_spec[1]] * out[dn.out_spec[1]] * out[dn.out_spec[0]] * taps
+
+
+def _dot_flops(eqn) -> float:
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * float(
+        np.prod([lhs[d] for d in contract]))
+
+
+def matmul_flops(jaxpr) -> List[float]:
+    """FLOPs (2 x multiply-adds) of every convolution and dot of a jaxpr, nested calls
+    included, in program order; a scan's body counts once per trip."""
+    from jax.extend import core as jex_core
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    flops: List[float] = []
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            flops.append(_conv_flops(eqn))
+        elif name == "dot_general":
+            flops.append(_dot_flops(eqn))
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
+                    trips = eqn.params.get("length", 1) if name == "scan" else 1
+                    flops.extend(f * trips for f in matmul_flops(sub))
+    return flops
+
+
+def network_flops(fn: Callable, *args) -> Tuple[float, float]:
+    """(all, first layer) matmul/conv FLOPs of `fn(*args)`, traced on abstract values. The first
+    layer is the first such op in program order, the one that reads the input in every network
+    of the registry (its input gradient is unnecessary when the input needs none)."""
+    flops = matmul_flops(jax.make_jaxpr(fn)(*args))
+    return float(sum(flops)), float(flops[0] if flops else 0.0)
+
+
+def necessary_flops(config) -> Dict[str, float]:
+    """Matmul/conv FLOPs one generator step and one student step need at the global batch,
+    counting a backward pass as its two products: the input gradient (same FLOPs as the
+    forward, not for a layer whose input needs no gradient) and the weight gradient (same
+    FLOPs, only for networks being trained). Elementwise work, BatchNorm and losses excluded.
+
+    generator step: G forward + weight + input gradients (not its first layer's: z);
+                    teacher forward + input gradients; student forward + input gradients;
+                    adapter likewise (+ weight gradients when it trains);
+    student step:   G forward; teacher forward; student forward + weight + input gradients
+                    (not its first layer's: the images are constants)."""
+    from cpsc_jax import steps
+    from cpsc_jax.checkpoint import ModelSpec
+    b, c = config.batch_size, config
+    nets = steps.build_networks(config, config.teacher.arch, axis_name=None)
+    state = jax.eval_shape(functools.partial(steps.init_state, nets, config), jax.random.PRNGKey(0))
+    teacher_vars = ModelSpec(c.teacher.arch, c.num_classes, c.image_size, c.channels,
+                             (0.0,) * c.channels, (1.0,) * c.channels).abstract_variables()
+    z = jax.ShapeDtypeStruct((b, c.generator.nz), jnp.float32)
+    y = jax.ShapeDtypeStruct((b,), jnp.int32)
+    x = jax.ShapeDtypeStruct((b, c.image_size, c.image_size, c.channels), jnp.float32)
+    g_vars = {"params": state.generator.params, "batch_stats": state.generator.batch_stats}
+    s_vars = {"params": state.student.params, "batch_stats": state.student.batch_stats}
+    g, g1 = network_flops(lambda v, z, y: nets.generator.apply(
+        v, z, y, train=True, mutable=["batch_stats"]), g_vars, z, y)
+    t, _ = network_flops(lambda v, x: nets.teacher.apply(v, x, train=False, features=True),
+                         teacher_vars, x)
+    s, s1 = network_flops(lambda v, x: nets.student.apply(
+        v, x, train=True, features=True, mutable=["batch_stats"]), s_vars, x)
+    a = 0.0
+    if nets.adapter is not None and c.loss.gamma > 0:
+        a, _ = network_flops(lambda v, f: nets.adapter.apply(v, f), {"params": state.adapter.params},
+                             jax.ShapeDtypeStruct((b, nets.adapter.hidden), jnp.float32))
+    w = c.loss
+    teacher_grad = any(w[k] > 0 for k in ("kd", "beta", "gamma", "eta"))
+    student_grad = any(w[k] > 0 for k in ("kd", "alpha", "gamma"))
+    adapter_trains = c.adapter_optimizer != "frozen"
+    generator_step = (g + g + (g - g1) + t + (t if teacher_grad else 0.0)
+                      + s + (s if student_grad else 0.0) + a + a + (a if adapter_trains else 0.0))
+    student_step = g + t + s + s + (s - s1)
+    return {"generator_step": generator_step, "student_step": student_step,
+            "forward": {"generator": g, "teacher": t, "student": s, "adapter": a}}
+
+
+def analyse(config, num_devices: Optional[int] = None,
+            log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Compiles (never runs) the generator step, the student step and the iteration of
+    `config` on abstract inputs: XLA's FLOPs against `necessary_flops`, and XLA's compiled
+    memory of each executable at the config's batch. One flat dict."""
+    from cpsc_jax import runtime, steps
+    from cpsc_jax.checkpoint import ModelSpec
+    c = config
+    topo = runtime.topology(num_devices)
+    n = topo.num_devices
+    nets = steps.build_networks(c, c.teacher.arch)
+    state = jax.eval_shape(functools.partial(steps.init_state, nets, c), jax.random.PRNGKey(0))
+    teacher_vars = ModelSpec(c.teacher.arch, c.num_classes, c.image_size, c.channels,
+                             (0.0,) * c.channels, (1.0,) * c.channels).abstract_variables()
+    dev = describe_jax_device()
+    result: Dict[str, Any] = {
+        "mode": "analysis", "device": dev["device_kind"], "platform": dev["platform"],
+        "num_devices": n, "teacher": c.teacher.arch, "student": c.student.arch,
+        "batch_size": c.batch_size, "g_steps": c.g_steps, "s_steps": c.s_steps,
+        "mixed_precision": bool(c.mixed_precision), "conv_gradients": c.conv_gradients,
+        "bn_sync": c.bn_sync, "xla_compiler_options": xla_compiler_options(),
+        "jax_version": jax.__version__}
+    log(f"analysis: {c.teacher.arch} -> {c.student.arch}, global batch {c.batch_size}, "
+        f"G_steps {c.g_steps}, S_steps {c.s_steps} on {n} {dev['platform']} device(s) "
+        "(compiled, not run)")
+    necessary = necessary_flops(c)
+    executables = {"generator_step": (1, 0), "student_step": (0, 1),
+                   "iteration": (c.g_steps, c.s_steps)}
+    for name, (g, s) in executables.items():
+        fn = steps.make_train_iteration(nets, c, n, donate=False, g_steps=g, s_steps=s)
+        t0 = time.perf_counter()
+        compiled = fn.lower(state, teacher_vars, topo.device_ids()).compile()
+        per_device = xla_flops(compiled)
+        memory = xla_memory(compiled)
+        result[f"{name}_compile_s"] = round(time.perf_counter() - t0, 2)
+        result[f"{name}_memory"] = memory
+        result[f"{name}_xla_flops"] = None if per_device is None else per_device * n
+    for name in ("generator_step", "student_step"):
+        result[f"{name}_necessary_flops"] = necessary[name]
+        xla = result[f"{name}_xla_flops"]
+        result[f"{name}_xla_over_necessary"] = (None if not xla or not necessary[name]
+                                                else round(xla / necessary[name], 4))
+    if not steps.scan_unroll(c):
+        # XLA's cost analysis counts a loop body once: the iteration's FLOPs from its steps.
+        g, s = result["generator_step_xla_flops"], result["student_step_xla_flops"]
+        result["iteration_xla_flops"] = (None if g is None or s is None
+                                         else c.g_steps * g + c.s_steps * s)
+    result["iteration_necessary_flops"] = (c.g_steps * necessary["generator_step"]
+                                           + c.s_steps * necessary["student_step"])
+    it_xla = result["iteration_xla_flops"]
+    result["iteration_xla_over_necessary"] = (None if not it_xla else round(
+        it_xla / result["iteration_necessary_flops"], 4))
+    result["forward_flops"] = necessary["forward"]
+    for line in format_analysis(result):
+        log(line)
+    return result
+
+
+def _si(value: Optional[float], unit: str, base: float = 1e3) -> str:
+    if value is None:
+        return "n/a"
+    prefixes = ("", "k", "M", "G", "T", "P") if base == 1e3 else ("", "Ki", "Mi", "Gi", "Ti")
+    i = 0
+    while abs(value) >= base and i < len(prefixes) - 1:
+        value, i = value / base, i + 1
+    return f"{value:.3g} {prefixes[i]}{unit}"
+
+
+def format_analysis(r: Dict[str, Any]) -> List[str]:
+    gb = lambda v: _si(v, "B", 1024.0)
+    tf = lambda v: _si(v, "FLOP")
+    lines = []
+    for name in ("generator_step", "student_step", "iteration"):
+        m = r[f"{name}_memory"]
+        lines.append(f"  {name:15s} XLA {tf(r[f'{name}_xla_flops'])}, necessary "
+                     f"{tf(r[f'{name}_necessary_flops'])} (x{r[f'{name}_xla_over_necessary']}); "
+                     f"memory: temp {gb(m['temp_size_in_bytes'])}, arguments "
+                     f"{gb(m['argument_size_in_bytes'])}, outputs {gb(m['output_size_in_bytes'])}"
+                     f" (per device; compiled in {r[f'{name}_compile_s']:.1f} s)")
+    return lines
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -300,11 +608,21 @@ def _precision(config, platform_name: str) -> str:
     return "tf32" if platform_name == "gpu" else "fp32"
 
 
+def xla_compiler_options(extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The compiler options the timed JAX executables are built with."""
+    from cpsc_jax.models.conv import xla_cpu_conv_options
+    return {**xla_cpu_conv_options(), **(extra or {})}
+
+
 def run_benchmark(config, iters: int = 10, warmup: int = 2,
                   torch_modes: Sequence[str] = ("eager",), phases: bool = True,
                   torch_channels_last: bool = False, donate: bool = True, seed: int = 0,
-                  log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Builds, compiles and times every variant; returns one flat dict (see module doc)."""
+                  log: Callable[[str], None] = print, force: bool = False,
+                  compiler_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Builds, compiles and times every variant; returns one flat dict (see module doc).
+    Refuses (`LoadTooHigh`) when the machine is busier than its cores, unless `force`;
+    `compiler_options` are added to the JAX executables' own."""
+    load_start = check_load(force)
     dev = describe_jax_device()
     images_per_iter = (config.g_steps + config.s_steps) * config.batch_size
     result: Dict[str, Any] = {
@@ -319,12 +637,14 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "jax_version": jax.__version__,
-        "load_avg_start": load_average(),
+        "xla_compiler_options": xla_compiler_options(compiler_options),
+        "load_avg_start": load_start,
     }
     log(f"benchmark: {config.teacher.arch} -> {config.student.arch}, batch {config.batch_size}, "
         f"G_steps {config.g_steps}, S_steps {config.s_steps} on {dev['device_kind']}")
 
-    jr = JaxRunner(config, phases=phases, donate=donate, seed=seed, log=log)
+    jr = JaxRunner(config, phases=phases, donate=donate, seed=seed, log=log,
+                   compiler_options=compiler_options)
     result["jax_unrolled"] = jr.unroll
     result["jax_has_adapter"] = jr.has_adapter
     names = ["iteration"] + (["generator_phase", "student_phase"] if phases else [])
@@ -332,6 +652,7 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
         f"jax/{n}": functools.partial(jr.call, n) for n in names}
 
     torch_runners: Dict[str, TorchRunner] = {}
+    threads_before = thread_ids()
     torch_modes = [m for m in torch_modes if m != "none"]
     if torch_modes and not torch_available():
         log("  torch is not installed: skipping the PyTorch baseline")
@@ -345,13 +666,18 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
             result[f"torch_{mode}_error"] = f"{type(e).__name__}: {e}"
             continue
         torch_runners[mode] = tr
+    # The threads PyTorch started (its OpenMP workers): parked after every PyTorch call.
+    parked = ParkedThreads((thread_ids() or frozenset()) - (threads_before or frozenset())
+                           if torch_runners else ())
+    for mode, tr in torch_runners.items():
         for n in names:
-            variants[f"torch_{mode}/{n}"] = functools.partial(tr.call, n)
+            variants[f"torch_{mode}/{n}"] = parked.wrap(functools.partial(tr.call, n))
 
     log(f"  timing {len(variants)} variants: {warmup} warm-up + {iters} timed calls each, "
         "interleaved")
     timings = time_interleaved(variants, iters, warmup)
     result["load_avg_end"] = load_average()
+    result.update(parked.summary())
 
     # JAX figures.
     it_ms = timings["jax/iteration"].median_ms
@@ -414,13 +740,15 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
     result.setdefault("speedup_vs_torch", None)
     result["torch_channels_last"] = bool(torch_channels_last)
     result["timings"] = {k: v.summary() for k, v in timings.items()}
-    return result
+    return flag_load(result)
 
 
 def compare_loop_forms(config, iters: int = 10, warmup: int = 2, seed: int = 0,
-                       log: Callable[[str], None] = print) -> Dict[str, Any]:
+                       log: Callable[[str], None] = print, force: bool = False,
+                       compiler_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The JAX iteration with its G/S step loops as `lax.scan` and unrolled (config.scan_unroll
     1 and 2), compiled in one process and timed round-robin; one flat dict."""
+    load_start = check_load(force)
     dev = describe_jax_device()
     result: Dict[str, Any] = {
         "device": dev["device_kind"], "platform": dev["platform"],
@@ -428,18 +756,20 @@ def compare_loop_forms(config, iters: int = 10, warmup: int = 2, seed: int = 0,
         "student": config.student.arch, "batch_size": config.batch_size,
         "g_steps": config.g_steps, "s_steps": config.s_steps, "iters": iters, "warmup": warmup,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
-        "load_avg_start": load_average()}
+        "xla_compiler_options": xla_compiler_options(compiler_options),
+        "load_avg_start": load_start}
     # The first compilation in a process pays a one-off cost (~8 s on a 2-core CPU): take it
     # on a throwaway one-step iteration so that neither measured form is charged with it.
     warm = config.copy_and_resolve_references()
     warm.g_steps, warm.s_steps, warm.scan_unroll = 1, 1, 2
-    JaxRunner(warm, phases=False, seed=seed, log=lambda _: None)
+    JaxRunner(warm, phases=False, seed=seed, log=lambda _: None, compiler_options=compiler_options)
     runners = {}
     for form, value in (("scan", 1), ("unrolled", 2)):
         c = config.copy_and_resolve_references()
         c.scan_unroll = value
         log(f"  jax {form}:")
-        runners[form] = JaxRunner(c, phases=False, seed=seed, log=log)
+        runners[form] = JaxRunner(c, phases=False, seed=seed, log=log,
+                                  compiler_options=compiler_options)
         result[f"{form}_compile_s"] = round(runners[form].compile_s["iteration"], 2)
     timings = time_interleaved({f: functools.partial(r.call, "iteration")
                                 for f, r in runners.items()}, iters, warmup)
@@ -449,13 +779,15 @@ def compare_loop_forms(config, iters: int = 10, warmup: int = 2, seed: int = 0,
         result[f"{form}_iter_timing"] = t.summary()
     result["scan_speedup_vs_unrolled"] = round(timings["unrolled"].median_ms
                                                / timings["scan"].median_ms, 4)
-    return result
+    return flag_load(result)
 
 
 def format_summary(r: Dict[str, Any]) -> List[str]:
     """Human-readable lines for a result of `run_benchmark`."""
     lines = [f"device: {r['device']} ({r['platform']}, {r['num_devices']} device(s)); "
              f"load {r['load_avg_start']} -> {r['load_avg_end']}"]
+    if r.get("WARNING"):
+        lines.insert(0, f"WARNING: {r['WARNING']}")
     for key, t in r["timings"].items():
         lines.append(f"  {key:32s} median {t['median_ms']:10.1f} ms  "
                      f"[p25 {t['p25_ms']:.1f}, p75 {t['p75_ms']:.1f}, n {t['n']}]")

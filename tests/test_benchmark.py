@@ -17,7 +17,8 @@ from cpsc_jax import losses
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(REPO / "configs" / "mnist.py"), "--config.batch_size=8",
         "--config.g_steps=1", "--config.s_steps=1", "--config.generator.ngf=8",
-        "--iters=2", "--warmup=1", "--nophases"]
+        "--iters=2", "--warmup=1", "--nophases",
+        "--force"]   # the tests time nothing they compare: a busy machine must not refuse them
 
 
 def test_peak_flops_table():
@@ -63,10 +64,16 @@ def test_script_tiny_run_prints_json():
         assert key in r, key
     assert r["jax_ms_per_iter"] > 0 and r["jax_flops_per_iter"] > 0
     assert r["images_per_iter"] == 16
+    assert r["cores"] >= 1 and len(r["load_avg_start"]) == len(r["load_avg_end"]) == 3
+    assert r["load_above_cores"] == ("WARNING" in r)
+    if r["platform"] == "cpu" and r["xla_compiler_options"]:
+        assert r["xla_compiler_options"] == {
+            "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
     if r["platform"] == "cpu":
         assert r["jax_mfu"] is None              # no known peak for CPUs
     if torch_mode == "eager":
         assert r["torch_ms_per_iter"] > 0
+        assert r["torch_threads_parked"] >= 0 and r["torch_park_timeouts"] >= 0
         assert r["speedup_vs_torch"] == pytest.approx(
             r["torch_ms_per_iter"] / r["jax_ms_per_iter"], rel=1e-3)
         # Same networks and shapes: the conv/matmul FLOPs torch counts match XLA's count.
@@ -136,3 +143,87 @@ def test_torch_iteration_runs_and_matches_shapes():
                       ("lenet5_half", 60)):
         ch = 1 if arch.startswith("lenet") else 3
         assert tm.feature_dim(tm.get_model(arch, 10, ch), 32, ch) == dim
+
+
+# ----------------------------------------------------------------------------- hygiene
+
+
+def test_a_busy_machine_is_refused_unless_forced_and_flagged():
+    with pytest.raises(bm.LoadTooHigh, match="1-min load average is 3.5 on 2 cores"):
+        bm.check_load(cores=2, load=[3.5, 2.0, 1.0])
+    assert bm.check_load(force=True, cores=2, load=[3.5, 2.0, 1.0]) == [3.5, 2.0, 1.0]
+    assert bm.check_load(cores=2, load=[1.2, 2.5, 3.0]) == [1.2, 2.5, 3.0]
+    quiet = bm.flag_load({"load_avg_start": [1.2, 1, 1], "load_avg_end": [1.4, 1, 1]}, cores=2)
+    assert quiet["load_above_cores"] is False and "WARNING" not in quiet
+    busy = bm.flag_load({"load_avg_start": [1.2, 1, 1], "load_avg_end": [2.4, 1, 1]}, cores=2)
+    assert busy["load_above_cores"] is True and list(busy)[0] == "WARNING"
+    assert "not comparable" in busy["WARNING"]
+    assert bm.format_summary(dict(busy, device="cpu", platform="cpu", num_devices=1, timings={},
+                                  jax_ms_per_iter=1.0, jax_images_per_s=1.0, jax_compile_s=1.0,
+                                  jax_flops_per_iter=1.0, jax_mfu=None))[0].startswith("WARNING")
+
+
+@needs_torch
+def test_torch_threads_are_parked_after_each_call():
+    """After a multi-threaded PyTorch call, its OpenMP workers spin for a while; the harness
+    waits until they sleep, so a JAX call timed next does not compete with them."""
+    import threading
+    import torch
+    if bm.thread_ids() is None:
+        pytest.skip("needs /proc (Linux)")
+    torch.set_num_threads(2)
+    a = torch.randn(256, 256)
+    torch.mm(a, a)                                   # starts the OpenMP workers
+    others = bm.thread_ids() - {threading.get_native_id()}
+    parked = bm.ParkedThreads(others)
+    parked.wrap(lambda: float(torch.mm(a, a).sum()) * 0.0)()
+    assert parked.timeouts == 0 and len(parked.waits_s) == 1
+    assert bm.running_threads(others) == []
+    assert parked.summary()["torch_threads_parked"] == len(others)
+
+
+def test_matmul_flop_count_matches_xla_for_forward_convs_and_dots():
+    cases = [((2, 8, 8, 3), (3, 3, 3, 4), 1, 1), ((2, 7, 7, 3), (3, 3, 3, 4), 2, 1),
+             ((2, 9, 9, 2), (5, 5, 2, 3), 1, 0)]
+    for x_shape, w_shape, stride, pad in cases:
+        f = lambda x, w: jax.lax.conv_general_dilated(
+            x, w, (stride, stride), ((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, w = jnp.ones(x_shape), jnp.ones(w_shape)
+        assert bm.matmul_flops(jax.make_jaxpr(f)(x, w)) == [bm.xla_flops(jax.jit(f).lower(x, w)
+                                                                         .compile())]
+    g = lambda a, b: jnp.tanh(a @ b) @ b.T
+    a, b = jnp.ones((16, 8)), jnp.ones((8, 4))
+    assert bm.matmul_flops(jax.make_jaxpr(g)(a, b)) == [2 * 16 * 8 * 4, 2 * 16 * 4 * 8]
+
+
+def test_necessary_work_is_the_sum_of_the_needed_products():
+    from conftest import tiny_digits_config
+    c = tiny_digits_config()
+    n = bm.necessary_flops(c)
+    fwd = n["forward"]
+    g, t, s = fwd["generator"], fwd["teacher"], fwd["student"]
+    assert min(g, t, s) > 0
+    # G: forward, weight and input gradients (not its first layer's); T and S: forward and input
+    # gradients; the frozen adapter: forward and input gradients.
+    assert g < n["generator_step"] - 2 * t - 2 * s - 2 * fwd["adapter"] < 3 * g
+    # Student step: G and T forward, S forward + weight + input gradients (not the first layer's).
+    assert g + t + 2 * s < n["student_step"] < g + t + 3 * s
+
+
+@pytest.mark.slow
+def test_script_analysis_prints_flops_and_memory_without_running():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--config",
+                          str(REPO / "configs" / "digits.py"), "--config.batch_size=8",
+                          "--config.generator.ngf=4", "--analysis"], capture_output=True,
+                         text=True, cwd=REPO, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = _tail_json(out.stdout)
+    assert r["mode"] == "analysis" and r["batch_size"] == 8
+    for name in ("generator_step", "student_step", "iteration"):
+        assert r[f"{name}_xla_flops"] > 0 and r[f"{name}_necessary_flops"] > 0
+        assert r[f"{name}_memory"]["temp_size_in_bytes"] > 0
+        # Elementwise work on top of the products, nothing computed twice.
+        assert 1.0 <= r[f"{name}_xla_over_necessary"] < 1.5
+    assert "generator_step" in out.stdout and "necessary" in out.stdout

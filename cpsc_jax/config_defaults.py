@@ -25,6 +25,7 @@ Fields:
     loss.ikd_form         "log" (released for CIFAR-10) or "mse" (released elsewhere)
     loss.ce_form, loss.student_ce_form
                           "double_softmax" (released: softmax fed to CE) or "plain", per phase
+    loss.kd_temperature   the student's KD temperature (released: 1)
     loss.{temperature, base_temperature}               SupCon
     mixed_precision       bfloat16 compute, float32 parameters and losses
     scan_unroll           0 auto, 1 lax.scan, 2 straight-line steps (see steps.scan_unroll)
@@ -134,7 +135,7 @@ def distillation_config(dataset: str, teacher: str = "resnet34",
         kd=1.0, alpha=5.0, beta=1.0, gamma=0.7, eta=0.7, student_eta=0.7,
         ikd_form="log" if dataset == "cifar10" else "mse",
         ce_form="double_softmax", student_ce_form="double_softmax",
-        temperature=0.07, base_temperature=0.07))
+        kd_temperature=1.0, temperature=0.07, base_temperature=0.07))
 
     c.mixed_precision = False
     c.scan_unroll = 0

@@ -109,22 +109,6 @@ def _summary_backend():
         return None
 
 
-def flatten_config(config, prefix: str = "") -> Dict[str, Any]:
-    """A (nested) config as {"loss.alpha": 5.0, ...}: numbers, strings and booleans as they
-    are, anything else (tuples, None) as its text."""
-    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    out: Dict[str, Any] = {}
-    for key in sorted(items):
-        value = items[key]
-        if isinstance(value, dict) or hasattr(value, "to_dict"):
-            out.update(flatten_config(value, f"{prefix}{key}."))
-        elif isinstance(value, (bool, int, float, str)):
-            out[prefix + key] = value
-        else:
-            out[prefix + key] = str(value)
-    return out
-
-
 def _image_hwc_uint8(image) -> Any:
     import numpy as np
     x = np.asarray(image)
@@ -176,7 +160,9 @@ class TensorBoardWriter:
     def write_hparams(self, config, metrics: Sequence[str] = HPARAM_METRICS) -> None:
         """The config as hyper-parameters (HParams dashboard, paired with the scalar `metrics`)
         and as text (the whole config, readable)."""
-        flat = flatten_config(config)
+        from cpsc_jax.runtime import flatten_config
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                for k, v in flatten_config(config).items()}
         for summary in self._hparams(flat, {m: 0.0 for m in metrics}):
             self._file_writer().add_summary(summary)
         text = json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config),

@@ -65,7 +65,7 @@ CPU_TUNED_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convol
 # Compiler options that put convolutions back on YNNPACK (jaxlib 0.10.2's default list, as its
 # optimised HLO shows), to compare against the project's default.
 YNN_CONVOLUTION_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                           "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                           "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
 

@@ -67,8 +67,8 @@ def test_script_tiny_run_prints_json():
     assert r["cores"] >= 1 and len(r["load_avg_start"]) == len(r["load_avg_end"]) == 3
     assert r["load_above_cores"] == ("WARNING" in r)
     if r["platform"] == "cpu" and r["xla_compiler_options"]:
-        assert r["xla_compiler_options"] == {
-            "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+        from cpsc_jax.models.conv import XLA_CPU_CONV_OPTIONS
+        assert r["xla_compiler_options"] == XLA_CPU_CONV_OPTIONS
     if r["platform"] == "cpu":
         assert r["jax_mfu"] is None              # no known peak for CPUs
     if torch_mode == "eager":

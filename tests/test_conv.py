@@ -187,7 +187,7 @@ def test_data_parallel_compiles_convolutions_off_ynnpack():
     def step(w, x, ids):
         del ids
         y = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=CANONICAL)
-        return w, jax.lax.pmean(jnp.sum(y), runtime.AXIS)
+        return w, jax.lax.pmean(y, runtime.AXIS)   # no reduction for YNNPACK to fuse it into
 
     fn = runtime.data_parallel(step, num_unmapped=2)
     topo = runtime.topology(max_devices=1)
@@ -201,3 +201,16 @@ def test_unknown_xla_options_fall_back_silently():
     from cpsc_jax.models.conv import _takes_convs_off_ynnpack
     assert not _takes_convs_off_ynnpack((("xla_cpu_experimental_ynn_fusion_type", "NO_SUCH_TYPE"),))
     assert not _takes_convs_off_ynnpack((("xla_no_such_option_at_all", "1"),))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
+def test_options_that_change_more_than_convolutions_are_refused():
+    """The option sets XLA's whole list of YNNPACK fusion types: one that also took reductions
+    (or dots) off YNNPACK would do more than XLA_FLAGS' `-individual_convolution`."""
+    from cpsc_jax.models.conv import _takes_convs_off_ynnpack, ynn_fusions
+    x = jnp.ones((8, 16, 16, 32))
+    if not ynn_fusions(jax.jit(lambda x: jnp.sum(x, (0, 1, 2))).lower(x).compile().as_text())[
+            "reduce"]:
+        pytest.skip("this jaxlib puts no reduction on YNNPACK by default")
+    dots_only = (("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),)
+    assert not _takes_convs_off_ynnpack(dots_only)

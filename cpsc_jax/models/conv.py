@@ -168,14 +168,17 @@ conv_general_dilated = _CONV_FUNCTIONS["auto"]   # today's default, for direct c
 
 # ----------------------------------------------------------------------------- XLA:CPU options
 
-# By default XLA:CPU (jaxlib 0.10.2) hands each convolution and each dot to YNNPACK, whose
-# weight-gradient convolutions are 3-6x slower than XLA's own (Eigen) ones on this workload
-# (figures in docs/RESULTS.md). The XLA_FLAGS spelling `--xla_cpu_experimental_ynn_fusion_type=
-# -individual_convolution` removes convolutions from the default list; a compiler option
-# cannot say "minus" and sets the whole list: YNNPACK for individual dots only. As a compiler
-# option it applies per executable, and a jaxlib that does not know it rejects it at compile
-# time instead of aborting the process as XLA_FLAGS would.
-XLA_CPU_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# By default XLA:CPU (jaxlib 0.10.2) hands each convolution, each dot and reductions to YNNPACK
+# (`xla_cpu_experimental_ynn_fusion_type` = REDUCE, INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION, as
+# its optimised HLO shows). YNNPACK's weight-gradient convolutions are 3-6x slower than XLA's
+# own (Eigen) ones on this workload (cpsc_jax.benchmark.CPU_TUNED_XLA_FLAGS; docs/RESULTS.md:
+# generator fwd+bwd 2555 -> 1284 ms). The XLA_FLAGS spelling `-individual_convolution` removes
+# convolutions from that list; a compiler option cannot say "minus" and sets the whole list,
+# so it names the rest (`_takes_convs_off_ynnpack` checks that it leaves everything else as
+# the default has it). As a compiler option it applies per executable, and a jaxlib that does
+# not know it rejects it at compile time instead of aborting the process as XLA_FLAGS would.
+XLA_CPU_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def xla_cpu_conv_options() -> Dict[str, str]:
@@ -188,9 +191,10 @@ def xla_cpu_conv_options() -> Dict[str, str]:
 
 
 def ynn_fusions(hlo_text: str) -> Dict[str, int]:
-    """How many convolutions and dots of an optimised HLO module run in YNNPACK fusions."""
+    """How many convolutions, dots and reductions of an optimised HLO module run in YNNPACK
+    fusions."""
     called = re.findall(r"calls=(%[\w.-]+)[^\n]*__ynn_fusion", hlo_text)
-    counts = {"convolution": 0, "dot": 0}
+    counts = {"convolution": 0, "dot": 0, "reduce": 0}
     for name in called:
         body = re.search(re.escape(name) + r" [^\n]*\{\n(.*?)\n\}", hlo_text, re.S)
         for op in counts:
@@ -200,25 +204,21 @@ def ynn_fusions(hlo_text: str) -> Dict[str, int]:
 
 @functools.lru_cache(maxsize=None)
 def _takes_convs_off_ynnpack(options: Tuple[Tuple[str, str], ...]) -> bool:
-    """Whether, on this jaxlib, a convolution runs in YNNPACK by default and not with
-    `options`, while a dot stays where the default puts it (tried once on two tiny programs;
-    False also when XLA rejects the options)."""
-    # Shapes large enough for XLA to consider YNNPACK at all (compiled only, never run).
-    x, w = (jax.ShapeDtypeStruct((8, 16, 16, 32), jnp.float32),
-            jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32))
-    a, b = (jax.ShapeDtypeStruct((2048, 32), jnp.float32),
-            jax.ShapeDtypeStruct((32, 32), jnp.float32))
-    programs = {"convolution": (lambda x, w: _plain_conv(x, w, (1, 1), ((1, 1), (1, 1)), None),
-                                (x, w)),
-                "dot": (lambda a, b: a @ b, (a, b))}
+    """Whether, on this jaxlib, `options` take a convolution off YNNPACK, where the default
+    puts it, and leave dots and reductions where the default puts them (tried once, compiling a
+    small program; False also when XLA rejects the options, or when XLA_FLAGS already keeps
+    convolutions off YNNPACK)."""
+    def probe(x, w, a, b):   # shapes large enough for XLA to consider YNNPACK (never run)
+        y = _plain_conv(x, w, (1, 1), ((1, 1), (1, 1)), None)
+        return y, a @ b, jnp.sum(x, (0, 1, 2))
+
+    args = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in
+            ((8, 16, 16, 32), (3, 3, 32, 32), (2048, 32), (32, 32))]
     try:
-        for op, (fn, args) in programs.items():
-            lowered = jax.jit(fn).lower(*args)
-            default = ynn_fusions(lowered.compile().as_text())[op]
-            chosen = ynn_fusions(lowered.compile(compiler_options=dict(options)).as_text())[op]
-            if (op == "convolution" and not (default and not chosen)) or (
-                    op == "dot" and chosen != default):
-                return False
+        lowered = jax.jit(probe).lower(*args)
+        default = ynn_fusions(lowered.compile().as_text())
+        chosen = ynn_fusions(lowered.compile(compiler_options=dict(options)).as_text())
     except Exception:  # noqa: BLE001 - an unknown option or value: XLA's error type varies
         return False
-    return True
+    return (default["convolution"] > 0 and chosen["convolution"] == 0
+            and chosen["dot"] == default["dot"] and chosen["reduce"] == default["reduce"])

@@ -57,7 +57,6 @@ def validate_config(config, num_devices: int = 1) -> None:
         _check(loss[field] in CE_FORMS,
                f"config.loss.{field} must be one of {', '.join(CE_FORMS)} (released: "
                f"double_softmax), got {loss[field]!r}")
-    _check(loss.kd_temperature > 0, f"config.loss.kd_temperature must be > 0, got {loss.kd_temperature!r}")
     _check(loss.temperature > 0 and loss.base_temperature > 0,
            "config.loss.temperature and base_temperature must be > 0")
     gen = config.generator

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import ml_collections
 import numpy as np
 
+from cpsc_jax import config_defaults
 from cpsc_jax.config_validation import ConfigError
 
 COLUMNS = (  # (key in a run's summary, table heading, format)
@@ -50,8 +51,19 @@ def load_grid(path: str) -> Dict[str, Dict[str, Any]]:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any],
                     row: str = "") -> ml_collections.ConfigDict:
-    """A copy of `config` with dotted-key overrides; an unknown field is an error."""
+    """A copy of `config` with dotted-key overrides; an unknown field is an error.
+
+    The key "preset" names an entry of config_defaults.PRESETS, applied before the other keys,
+    so a row means the same whatever preset the config itself defaults to.
+    """
     config = config.copy_and_resolve_references()
+    overrides = dict(overrides)
+    preset = overrides.pop("preset", None)
+    if preset is not None:
+        try:
+            config_defaults.apply_preset(config, preset)
+        except ValueError as e:
+            raise ConfigError(f"grid row {row!r}: {e}")
     for key, value in overrides.items():
         parts = key.split(".")
         target = config

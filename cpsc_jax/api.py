@@ -64,8 +64,12 @@ class Distilled:
 
 
 def default_config(num_classes: int, input_shape, student: str = "resnet18",
-                   teacher_bn_layers: Optional[int] = None) -> ml_collections.ConfigDict:
+                   teacher_bn_layers: Optional[int] = None,
+                   preset: str = "") -> ml_collections.ConfigDict:
     """The config `distill` uses when given none, adapted to the classes and input shape.
+
+    preset: "released" or "conditioned" (`config_defaults.PRESETS`) to override the choice
+    below; empty keeps it (small inputs: the digits config's default; larger: released).
 
     - inputs of at most 16x16 pixels: the embedded digits settings (`configs/digits.py`: batch
       128, 8 epochs x 50 iterations, one generator step, small generator, alpha 0.1, log IKD),
@@ -95,6 +99,9 @@ def default_config(num_classes: int, input_shape, student: str = "resnet18",
     c.num_classes, c.image_size, c.channels = int(num_classes), size, channels
     c.teacher.arch = TEACHER_NAME
     c.generator.num_upsamples = generator_upsamples(size)
+    if preset:
+        from cpsc_jax.config_defaults import apply_preset
+        apply_preset(c, preset)
     return c
 
 

@@ -20,9 +20,10 @@ def load_config(name: str, *args):
     return module.get_config(*args)
 
 
-def tiny_digits_config():
-    """The digits config shrunk for unit tests: small generator, few iterations."""
-    c = load_config("digits")
+def tiny_digits_config(*preset):
+    """The digits config (its default preset, or the one named) shrunk for unit tests: small
+    generator, few iterations."""
+    c = load_config("digits", *preset)
     c.batch_size = 16
     c.epochs = 2
     c.epoch_itrs = 2

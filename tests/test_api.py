@@ -269,6 +269,11 @@ def test_default_config_adapts_to_the_input():
         (512, 6, 5.0, "mse")
     assert cpsc_jax.default_config(10, (32, 32, 3), teacher_bn_layers=3).loss.alpha == 0.1
     assert cpsc_jax.default_config(200, (64, 64, 3)).generator.num_upsamples == 3
+    assert large.generator_optimizer == "reset"                  # released unless asked
+    asked = cpsc_jax.default_config(100, (32, 32, 3), preset="conditioned")
+    assert (asked.loss.ce_form, asked.generator_optimizer) == ("plain", "persistent")
+    assert cpsc_jax.default_config(10, (8, 8, 1), preset="released").loss.ce_form == \
+        "double_softmax"
     with pytest.raises(ValueError, match="square images"):
         cpsc_jax.default_config(10, (32, 28, 3))
 

@@ -100,6 +100,7 @@ def bad_files(tmp_path_factory, digits_teacher):
     (d / "grid_bad.json").write_text("{not json")
     (d / "grid_unknown.json").write_text(json.dumps({"r": {"loss.alhpa": 1.0}}))
     (d / "grid_list.json").write_text(json.dumps([1, 2]))
+    (d / "grid_preset.json").write_text(json.dumps({"r": {"preset": "relased"}}))
     return d
 
 
@@ -138,6 +139,14 @@ def test_train_bad_config(case, tmp_path, capsys, digits_teacher):
                                      f"--config.teacher.checkpoint={digits_teacher}", *TINY,
                                      *args], capsys)
     assert_one_line_error(code, err, *words)
+
+
+def test_train_unknown_preset(tmp_path, capsys):
+    code, _, err = run_cli("train", ["--config", "digits:relased", "--workdir", tmp_path / "w"],
+                           capsys)
+    assert_one_line_error(code, err, "--config digits:relased", "unknown preset 'relased'",
+                          "released, conditioned")
+    assert "Traceback" not in err
 
 
 def _train_args(tmp_path, teacher, *extra, config="digits"):
@@ -312,7 +321,9 @@ def test_ablate_bad_grids(tmp_path, capsys, bad_files):
     for grid, words in ((tmp_path / "none.json", ["grid file", "does not exist"]),
                         (bad_files / "grid_bad.json", ["is not valid JSON"]),
                         (bad_files / "grid_list.json", ["must be a JSON object of rows"]),
-                        (bad_files / "grid_unknown.json", ["'loss.alhpa' is not a config field"])):
+                        (bad_files / "grid_unknown.json", ["'loss.alhpa' is not a config field"]),
+                        (bad_files / "grid_preset.json", ["unknown preset 'relased'",
+                                                          "released, conditioned"])):
         code, _, err = run_cli("ablate", ["--config", "digits", "--grid", grid, "--workdir",
                                           tmp_path / "w"], capsys)
         assert_one_line_error(code, err, *words)

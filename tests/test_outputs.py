@@ -82,7 +82,7 @@ def test_tensorboard_resume_purges_repeated_steps_and_null_writer_is_silent(tmp_
 
 
 def test_learning_rates_follow_the_optimizers_schedules():
-    config = tiny_digits_config()   # per_epoch student schedule, warm-up 1 epoch of 2 iterations
+    config = tiny_digits_config("released")   # per_epoch student schedule, warm-up 1 epoch of 2 iterations
     lr = metrics.learning_rates
     schedule = student_schedule(config, config.s_steps)
     for iteration in (1, 2, 3, 4):

@@ -58,6 +58,15 @@ def _rewrite_config_arg(argv: List[str]) -> List[str]:
     return out
 
 
+def _config_value(argv: List[str]) -> str:
+    for i, a in enumerate(argv):
+        if a in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(("--config=", "-config=")):
+            return a.partition("=")[2]
+    return ""
+
+
 def define_distributed_flags(flag_values) -> None:
     flags.DEFINE_string("coordinator_address", "", "Several processes (one per host): HOST:PORT "
                         "of process 0's coordinator.", flag_values=flag_values)
@@ -116,6 +125,7 @@ def main(define: Callable[[flags.FlagValues], None],
     F = new_flags()
     define(F)
     saved_argv = sys.argv
+    given = argv
     try:
         argv = _rewrite_config_arg(argv)
         sys.argv = argv   # ml_collections reads the --config.* overrides from sys.argv
@@ -128,8 +138,14 @@ def main(define: Callable[[flags.FlagValues], None],
         text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
         _fail(f"unknown config field {text}", prefix="bad flag: ")
     except (flags.Error, TypeError, ValueError, OSError) as e:
-        # absl: bad flag values; ml_collections: values of the wrong type, unreadable files.
-        _fail(" ".join(str(e).split()) or type(e).__name__, prefix="bad flag: ")
+        # absl: bad flag values; ml_collections: values of the wrong type, unreadable files, and
+        # a get_config that raised (its traceback inside the message: only its last line says
+        # what was wrong, e.g. an unknown preset in `--config digits:PRESET`).
+        text = str(e).strip()
+        if "Traceback (most recent call last)" in text:
+            text = text.splitlines()[-1].partition(": ")[2] or text.splitlines()[-1]
+            text = f"--config {_config_value(given)}: {text}"
+        _fail(" ".join(text.split()) or type(e).__name__, prefix="bad flag: ")
     finally:
         sys.argv = saved_argv
     if len(argv) > 1:

@@ -1,0 +1,90 @@
+"""The two presets every shipped distillation config takes (`--config NAME:released`,
+`NAME:conditioned`): what each promises, which one each config picks, and that both are valid.
+
+tests/test_parity.py runs the released iteration with `load_config("cifar10", "released")`
+against the PyTorch mirror; here the preset's fields are held against spec §4 written out
+independently, so a preset edit that drifts from the released code fails.
+"""
+import pytest
+
+from conftest import load_config
+from cpsc_jax import ablation
+from cpsc_jax.config_defaults import PRESETS, apply_preset
+from cpsc_jax.config_validation import ConfigError, validate_config
+
+DISTILLATION_CONFIGS = ["cifar10", "cifar100", "svhn", "tiny_imagenet", "digits", "mnist"]
+
+# Spec §4 (the released iteration), independent of config_defaults: Adam rebuilt before every
+# generator step at a constant rate, the student's LR a staircase per epoch, the adapter never
+# trained, the double-softmax CE for both networks with one eta.
+RELEASED = {"generator_optimizer": "reset", "generator_schedule": "constant",
+            "student_schedule": "per_epoch", "adapter_optimizer": "frozen",
+            "loss.ce_form": "double_softmax", "loss.student_ce_form": "double_softmax"}
+
+
+def _get(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+@pytest.mark.parametrize("name", DISTILLATION_CONFIGS)
+def test_released_preset_is_the_released_iteration(name):
+    c = load_config(name, "released")
+    for key, value in RELEASED.items():
+        assert _get(c, key) == value, key
+    assert c.loss.student_eta == c.loss.eta
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn", "tiny_imagenet"])
+def test_published_configs_keep_their_meaning(name):
+    """cifar10/cifar100/svhn/tiny_imagenet default to the released preset, and the released
+    command's hyper-parameters (spec §5) are untouched."""
+    c = load_config(name)
+    assert c.to_dict() == load_config(name, "released").to_dict()
+    assert (c.batch_size, c.epochs, c.epoch_itrs, c.g_steps, c.s_steps) == (512, 600, 50, 6, 5)
+    assert (c.loss.alpha, c.loss.beta, c.loss.gamma, c.loss.eta) == (5.0, 1.0, 0.7, 0.7)
+
+
+@pytest.mark.parametrize("name", DISTILLATION_CONFIGS)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_config_and_preset_is_valid(name, preset):
+    validate_config(load_config(name, preset))
+
+
+@pytest.mark.parametrize("name", DISTILLATION_CONFIGS)
+def test_presets_differ_only_in_their_own_fields(name):
+    released, conditioned = load_config(name, "released"), load_config(name, "conditioned")
+    keys = set(PRESETS["released"]) | set(PRESETS["conditioned"])
+    for c in (released, conditioned):
+        for key in keys:
+            parent, _, leaf = key.rpartition(".")
+            del (_get(c, parent) if parent else c)[leaf]
+    assert released.to_dict() == conditioned.to_dict()
+    # and "conditioned" is what makes the generator honour its label (docs/conditioning.md)
+    c = load_config(name, "conditioned")
+    assert (c.loss.ce_form, c.generator_optimizer) == ("plain", "persistent")
+    assert c.loss.eta > 0
+
+
+def test_unknown_preset_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown preset 'bogus'.*released, conditioned"):
+        load_config("digits", "bogus")
+
+
+def test_grid_row_preset_is_applied_before_its_overrides():
+    base = load_config("digits", "conditioned")
+    row = ablation.apply_overrides(base, {"preset": "released", "student_schedule": "per_step"})
+    assert row.student_schedule == "per_step"            # the row's override wins
+    assert row.loss.ce_form == "double_softmax"          # the rest is the released preset
+    assert row.loss.student_eta == row.loss.eta
+    assert base.loss.ce_form == "plain"                  # the base config is untouched
+    with pytest.raises(ConfigError, match="grid row 'r'.*unknown preset"):
+        ablation.apply_overrides(base, {"preset": "bogus"}, "r")
+
+
+def test_apply_preset_copies_referenced_fields():
+    c = load_config("digits", "conditioned")
+    c.loss.eta = 1.5
+    apply_preset(c, "released")
+    assert c.loss.student_eta == 1.5

@@ -197,16 +197,22 @@ def test_matmul_flop_count_matches_xla_for_forward_convs_and_dots():
     assert bm.matmul_flops(jax.make_jaxpr(g)(a, b)) == [2 * 16 * 8 * 4, 2 * 16 * 4 * 8]
 
 
-def test_necessary_work_is_the_sum_of_the_needed_products():
+@pytest.mark.parametrize("adapter", ["frozen", "sgd"])
+def test_necessary_work_is_the_sum_of_the_needed_products(adapter):
     from conftest import tiny_digits_config
     c = tiny_digits_config()
+    c.adapter_optimizer = adapter
     n = bm.necessary_flops(c)
     fwd = n["forward"]
     g, t, s = fwd["generator"], fwd["teacher"], fwd["student"]
     assert min(g, t, s) > 0
     # G: forward, weight and input gradients (not its first layer's); T and S: forward and input
-    # gradients; the frozen adapter: forward and input gradients.
-    assert g < n["generator_step"] - 2 * t - 2 * s - 2 * fwd["adapter"] < 3 * g
+    # gradients; the adapter: forward and input gradients, and weight gradients when it trains.
+    a = (2 if adapter == "frozen" else 3) * fwd["adapter"]
+    assert g < n["generator_step"] - 2 * t - 2 * s - a < 3 * g
+    c.adapter_optimizer = "sgd" if adapter == "frozen" else "frozen"
+    other = bm.necessary_flops(c)["generator_step"]
+    assert abs(n["generator_step"] - other) == fwd["adapter"] > 0   # its weight gradients
     # Student step: G and T forward, S forward + weight + input gradients (not the first layer's).
     assert g + t + 2 * s < n["student_step"] < g + t + 3 * s
 

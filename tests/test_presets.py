@@ -7,7 +7,7 @@ independently, so a preset edit that drifts from the released code fails.
 """
 import pytest
 
-from conftest import load_config
+from conftest import REPO, load_config
 from cpsc_jax import ablation
 from cpsc_jax.config_defaults import PRESETS, apply_preset
 from cpsc_jax.config_validation import ConfigError, validate_config
@@ -88,3 +88,12 @@ def test_apply_preset_copies_referenced_fields():
     c.loss.eta = 1.5
     apply_preset(c, "released")
     assert c.loss.student_eta == 1.5
+
+
+@pytest.mark.parametrize("grid", sorted(p.name for p in (REPO / "grids").glob("*.json")))
+def test_shipped_grids_apply_to_their_config(grid):
+    """Every row of the grids behind docs/RESULTS.md names real fields and presets."""
+    name = grid.split("_")[0].split(".")[0]           # digits.json, mnist_30ep.json, ...
+    base = load_config(name)
+    for row, overrides in ablation.load_grid(str(REPO / "grids" / grid)).items():
+        validate_config(ablation.apply_overrides(base, overrides, row))

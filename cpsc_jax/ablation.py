@@ -65,19 +65,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any]
         except ValueError as e:
             raise ConfigError(f"grid row {row!r}: {e}")
     for key, value in overrides.items():
-        parts = key.split(".")
-        target = config
-        for p in parts[:-1]:
-            if p not in target:
-                raise ConfigError(f"grid row {row!r}: {key!r} is not a config field")
-            target = target[p]
-        if parts[-1] not in target:
+        parent, _, leaf = key.rpartition(".")
+        try:
+            target = config_defaults.get_field(config, parent)
+            old = target[leaf]
+        except (KeyError, TypeError):
             raise ConfigError(f"grid row {row!r}: {key!r} is not a config field")
-        old = target[parts[-1]]
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         try:
-            target[parts[-1]] = value
+            target[leaf] = value
         except TypeError as e:
             raise ConfigError(f"grid row {row!r}: {key}={value!r}: {e}")
     return config

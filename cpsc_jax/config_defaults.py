@@ -56,16 +56,6 @@ TEACHER_RECIPES = {
 }
 
 
-# What makes the generator honour its label while the student stays accurate (measured on
-# digits and MNIST: docs/conditioning.md, docs/RESULTS.md).
-CONDITIONED_PRESET = {
-    "loss.ce_form": "plain", "loss.eta": 2.0,     # a non-saturating CE that can steer the CBNs
-    "loss.student_eta": 0.0,                      # the student learns from the teacher's logits
-    "generator_optimizer": "persistent",          # Adam moments kept: a steady, not sign-only, pull
-    "student_schedule": "per_step",               # warm-up from 0, cosine to 0 at the last step
-    "adapter_optimizer": "sgd",                   # a trained adapter, not a random projection
-}
-
 # The two behaviours a shipped config can take (`--config NAME:released`, `NAME:conditioned`;
 # each config says which is its default and why). "released" is the authors' code exactly
 # (docs/method.md §4, oddities included; tests/test_parity.py holds it). "conditioned" is what
@@ -78,7 +68,14 @@ PRESETS = {
         "loss.ce_form": "double_softmax", "loss.student_ce_form": "double_softmax",
         "loss.student_eta": "=loss.eta",
     },
-    "conditioned": CONDITIONED_PRESET,
+    # Measured on digits and MNIST (docs/conditioning.md, docs/RESULTS.md).
+    "conditioned": {
+        "loss.ce_form": "plain", "loss.eta": 2.0,     # a non-saturating CE that steers the CBNs
+        "loss.student_eta": 0.0,                      # the student learns from the teacher's logits
+        "generator_optimizer": "persistent",          # Adam moments kept: magnitudes, not sign votes
+        "student_schedule": "per_step",               # warm-up from 0, cosine to 0 at the last step
+        "adapter_optimizer": "sgd",                   # a trained adapter, not a random projection
+    },
 }
 
 
@@ -88,14 +85,15 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str) -> ml_collectio
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     for key, value in PRESETS[preset].items():
         if isinstance(value, str) and value.startswith("="):
-            value = _get_dotted(config, value[1:])
+            value = get_field(config, value[1:])
         parent, _, leaf = key.rpartition(".")
-        (_get_dotted(config, parent) if parent else config)[leaf] = value
+        get_field(config, parent)[leaf] = value
     return config
 
 
-def _get_dotted(config, key: str):
-    for part in key.split("."):
+def get_field(config, dotted: str):
+    """config["a"]["b"] for "a.b" (the config itself for ""); KeyError if a part is missing."""
+    for part in filter(None, dotted.split(".")):
         config = config[part]
     return config
 

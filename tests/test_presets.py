@@ -5,11 +5,13 @@ tests/test_parity.py runs the released iteration with `load_config("cifar10", "r
 against the PyTorch mirror; here the preset's fields are held against spec §4 written out
 independently, so a preset edit that drifts from the released code fails.
 """
+import os
+
 import pytest
 
 from conftest import REPO, load_config
 from cpsc_jax import ablation
-from cpsc_jax.config_defaults import PRESETS, apply_preset
+from cpsc_jax.config_defaults import PRESETS, apply_preset, get_field
 from cpsc_jax.config_validation import ConfigError, validate_config
 
 DISTILLATION_CONFIGS = ["cifar10", "cifar100", "svhn", "tiny_imagenet", "digits", "mnist"]
@@ -22,17 +24,11 @@ RELEASED = {"generator_optimizer": "reset", "generator_schedule": "constant",
             "loss.ce_form": "double_softmax", "loss.student_ce_form": "double_softmax"}
 
 
-def _get(config, dotted):
-    for part in dotted.split("."):
-        config = config[part]
-    return config
-
-
 @pytest.mark.parametrize("name", DISTILLATION_CONFIGS)
 def test_released_preset_is_the_released_iteration(name):
     c = load_config(name, "released")
     for key, value in RELEASED.items():
-        assert _get(c, key) == value, key
+        assert get_field(c, key) == value, key
     assert c.loss.student_eta == c.loss.eta
 
 
@@ -59,7 +55,7 @@ def test_presets_differ_only_in_their_own_fields(name):
     for c in (released, conditioned):
         for key in keys:
             parent, _, leaf = key.rpartition(".")
-            del (_get(c, parent) if parent else c)[leaf]
+            del (get_field(c, parent) if parent else c)[leaf]
     assert released.to_dict() == conditioned.to_dict()
     # and "conditioned" is what makes the generator honour its label (docs/conditioning.md)
     c = load_config(name, "conditioned")
@@ -97,3 +93,44 @@ def test_shipped_grids_apply_to_their_config(grid):
     base = load_config(name)
     for row, overrides in ablation.load_grid(str(REPO / "grids" / grid)).items():
         validate_config(ablation.apply_overrides(base, overrides, row))
+
+
+def test_sweep_runs_each_row_and_seed_once_resumes_and_tabulates(tmp_path):
+    """run_sweep with a stand-in for the trainer (it writes results.json as the trainer does):
+    an interrupted sweep resumes with only the missing runs; the table holds mean and sample
+    std over seeds; a row whose overrides changed is refused."""
+    import json
+    import numpy as np
+    calls = []
+
+    def distil(cfg, run_dir, fail_on=None):
+        if (cfg.loss.eta, cfg.seed) == fail_on:
+            raise KeyboardInterrupt
+        calls.append((cfg.loss.eta, cfg.seed, cfg.generator_optimizer))
+        os.makedirs(run_dir, exist_ok=True)
+        acc = 90.0 + cfg.loss.eta + cfg.seed
+        results = {"student_accuracy": acc, "best_student_accuracy": acc + 1,
+                   "faithfulness": {"agreement": 0.1 * cfg.seed, "diversity": 0.5},
+                   "elapsed_s": 1.0}
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump(results, f)
+        return results
+
+    base = load_config("digits", "conditioned")
+    grid = {"a": {"loss.eta": 1.0}, "b": {"preset": "released", "loss.eta": 2.0}}
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_sweep(base, grid, 3, str(tmp_path), lambda c, d: distil(c, d, (2.0, 1)),
+                           log=lambda *a: None)
+    assert calls == [(1.0, 0, "persistent"), (1.0, 1, "persistent"), (1.0, 2, "persistent"),
+                     (2.0, 0, "reset")]
+    calls.clear()
+    out = ablation.run_sweep(base, grid, 3, str(tmp_path), distil, log=lambda *a: None)
+    assert calls == [(2.0, 1, "reset"), (2.0, 2, "reset")]     # only the missing runs
+    a, b = out["rows"]
+    assert a["mean"]["student_accuracy"] == pytest.approx(92.0)
+    assert b["std"]["student_accuracy"] == pytest.approx(np.std([92, 93, 94], ddof=1))
+    table = (tmp_path / "ablation.md").read_text()
+    assert "93.00 ± 1.00" in table and "`preset=released`, `loss.eta=2.0`" in table
+    assert json.loads((tmp_path / "ablation.json").read_text())["rows"][1]["row"] == "b"
+    with pytest.raises(ConfigError, match="grid row 'a' was run with"):
+        ablation.run_sweep(base, {"a": {"loss.eta": 1.5}}, 3, str(tmp_path), distil)

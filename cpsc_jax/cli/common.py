@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import traceback
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from absl import flags, logging
 
@@ -42,29 +42,22 @@ def resolve_config(value: str) -> str:
                     f"(shipped: {', '.join(shipped)})")
 
 
-def _rewrite_config_arg(argv: List[str]) -> List[str]:
-    out, i = [], 0
+def _rewrite_config_arg(argv: List[str]) -> Tuple[List[str], str]:
+    """argv with its `--config` value resolved (see `resolve_config`), and that value as given."""
+    out, given, i = [], "", 0
     while i < len(argv):
         a = argv[i]
         if a in ("--config", "-config") and i + 1 < len(argv):
-            out += [a, resolve_config(argv[i + 1])]
+            given = argv[i + 1]
+            out += [a, resolve_config(given)]
             i += 2
             continue
         if a.startswith(("--config=", "-config=")):
-            flag, _, value = a.partition("=")
-            a = f"{flag}={resolve_config(value)}"
+            flag, _, given = a.partition("=")
+            a = f"{flag}={resolve_config(given)}"
         out.append(a)
         i += 1
-    return out
-
-
-def _config_value(argv: List[str]) -> str:
-    for i, a in enumerate(argv):
-        if a in ("--config", "-config") and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(("--config=", "-config=")):
-            return a.partition("=")[2]
-    return ""
+    return out, given
 
 
 def define_distributed_flags(flag_values) -> None:
@@ -125,9 +118,9 @@ def main(define: Callable[[flags.FlagValues], None],
     F = new_flags()
     define(F)
     saved_argv = sys.argv
-    given = argv
+    given = ""
     try:
-        argv = _rewrite_config_arg(argv)
+        argv, given = _rewrite_config_arg(argv)
         sys.argv = argv   # ml_collections reads the --config.* overrides from sys.argv
         argv = F(argv)
     except UserError as e:
@@ -144,7 +137,7 @@ def main(define: Callable[[flags.FlagValues], None],
         text = str(e).strip()
         if "Traceback (most recent call last)" in text:
             text = text.splitlines()[-1].partition(": ")[2] or text.splitlines()[-1]
-            text = f"--config {_config_value(given)}: {text}"
+            text = f"--config {given}: {text}"
         _fail(" ".join(text.split()) or type(e).__name__, prefix="bad flag: ")
     finally:
         sys.argv = saved_argv

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cpsc_jax.models.conv import CANONICAL, canonical_conv, conv_general_dilated
+from cpsc_jax.models.conv import (CANONICAL, FEW_INPUT_CHANNELS, FEW_OUTPUT_CHANNELS,
+                                  canonical_conv, conv_general_dilated)
 from cpsc_jax.models.layers import conv
 
 # (batch, size, c_in, c_out, kernel, stride, padding); the stride-2 cases include sizes where
@@ -22,6 +23,19 @@ CASES = [
     (2, 9, 2, 3, 5, 1, 0),
     (2, 8, 2, 3, 5, 1, 2),
     (2, 8, 2, 3, 5, 2, 2),
+    # One input channel (forward as a sum of windows), one output channel (dX likewise), and
+    # either side of FEW_INPUT_CHANNELS (dX by col2im up to it).
+    (2, 8, 1, 4, 3, 1, 1),
+    (2, 7, 1, 4, 3, 2, 1),
+    (2, 9, 1, 3, 5, 1, 0),
+    (2, 8, 12, 1, 3, 1, 1),
+    (2, 7, 12, 1, 3, 2, 1),
+    (2, 8, 1, 1, 3, 2, 1),
+    (2, 8, FEW_INPUT_CHANNELS, 3, 3, 2, 1),
+    (2, 8, FEW_INPUT_CHANNELS + 1, 3, 3, 2, 1),
+    # Either side of FEW_OUTPUT_CHANNELS (forward by one dot and a sum of windows inside it).
+    (2, 8, FEW_INPUT_CHANNELS + 1, FEW_OUTPUT_CHANNELS[1], 3, 1, 1),
+    (2, 7, FEW_INPUT_CHANNELS + 1, FEW_OUTPUT_CHANNELS[1] + 1, 3, 2, 1),
 ]
 
 
@@ -34,7 +48,7 @@ def _inputs(b, size, c_in, c_out, k, dtype=jnp.float32):
 def _loss(conv_fn, stride, pad):
     # sin makes the cotangent depend on the output, so every gradient entry is exercised.
     return lambda x, w: jnp.sum(jnp.sin(conv_fn(x, w, (stride, stride), ((pad, pad), (pad, pad)))
-                                        .astype(jnp.float32)))
+                                        .astype(jnp.promote_types(x.dtype, jnp.float32))))
 
 
 def _lax_conv(x, w, strides, padding):
@@ -45,20 +59,35 @@ def _lax_conv(x, w, strides, padding):
 def test_gradients_match_lax_autodiff(case):
     b, size, c_in, c_out, k, s, p = case
     x, w = _inputs(b, size, c_in, c_out, k)
-    np.testing.assert_array_equal(canonical_conv(x, w, (s, s), ((p, p), (p, p))),
-                                  _lax_conv(x, w, (s, s), ((p, p), (p, p))))
+    got, want = (canonical_conv(x, w, (s, s), ((p, p), (p, p))),
+                 _lax_conv(x, w, (s, s), ((p, p), (p, p))))
+    if c_in == 1 or FEW_OUTPUT_CHANNELS[0] <= c_out <= FEW_OUTPUT_CHANNELS[1]:
+        # A sum of windows: the same terms, summed in another order.
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(got, want)
     want = jax.jit(jax.grad(_loss(_lax_conv, s, p), (0, 1)))(x, w)
     got = jax.jit(jax.grad(_loss(canonical_conv, s, p), (0, 1)))(x, w)
     for g, r in zip(got, want):
         assert g.shape == r.shape and g.dtype == r.dtype
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    # In float64 the summation order no longer hides anything: equal to 1e-10.
+    with jax.enable_x64(True):
+        x, w = (jnp.asarray(np.asarray(a), jnp.float64) for a in (x, w))
+        want = jax.jit(jax.grad(_loss(_lax_conv, s, p), (0, 1)))(x, w)
+        got = jax.jit(jax.grad(_loss(canonical_conv, s, p), (0, 1)))(x, w)
+        for g, r in zip(got, want):
+            assert g.dtype == jnp.float64
+            np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]])
 def test_bfloat16_gradient_dtypes_match_lax_autodiff(case):
     b, size, c_in, c_out, k, s, p = case
     x, w = _inputs(b, size, c_in, c_out, k, jnp.bfloat16)
-    want = jax.jit(jax.grad(_loss(_lax_conv, s, p), (0, 1)))(x, w)
+    # lax's gradient op by op, each result rounded to bfloat16 (under jit XLA drops some of
+    # those roundings around lax's own convolutions, not around the sum-of-windows forms).
+    want = jax.grad(_loss(_lax_conv, s, p), (0, 1))(x, w)
     got = jax.jit(jax.grad(_loss(canonical_conv, s, p), (0, 1)))(x, w)
     for g, r in zip(got, want):
         assert g.dtype == r.dtype == jnp.bfloat16
@@ -92,7 +121,9 @@ def test_layer_matches_plain_flax_conv_inside_scan(case):
     # Same parameter tree (names, shapes) as a plain nn.Conv: conversion and checkpoints rely on it.
     ref_vars = plain.init(jax.random.PRNGKey(2), x)
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref_vars)
-    np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
+    # Equal up to summation order (few output channels: a dot and a sum of windows).
+    np.testing.assert_allclose(ours.apply(variables, x), plain.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
     (gp, gx), (rp, rx) = _scan_grads(ours, variables, x), _scan_grads(plain, variables, x)
     for name in ("kernel", "bias"):
         np.testing.assert_allclose(gp[name], rp[name], rtol=1e-5, atol=1e-5)
@@ -118,8 +149,10 @@ def test_unsupported_convolutions_fall_back_to_lax():
 def test_scan_body_has_only_standard_form_convolutions(stride, kernel, pad):
     """XLA:CPU's fast path takes `b01f_01io->b01f` convolutions; autodiff's own gradient forms
     (e.g. `f01b_i01o->01bf` for dW) are what ran slowly inside loop bodies."""
-    layer = conv(4, kernel, stride, pad)
-    x = jnp.ones((2, 8, 8, 3))
+    # Enough channels for the forward and dX to be convolutions too (with few output channels
+    # the forward is a dot and a sum of windows, with few input channels dX is col2im).
+    layer = conv(FEW_OUTPUT_CHANNELS[1] + 1, kernel, stride, pad)
+    x = jnp.ones((2, 8, 8, FEW_INPUT_CHANNELS + 1))
     variables = layer.init(jax.random.PRNGKey(0), x)
 
     def run(params, x):

@@ -105,3 +105,30 @@ def test_every_classifier_returns_logits_and_features():
         logits, feat = jax.eval_shape(lambda v: model.apply(v, x, features=True), v)
         assert logits.shape == (2, 7), name
         assert feat.ndim == 2 and feat.shape[0] == 2, name
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 2)])
+def test_max_pool_matches_pytorch_forward_and_gradient(shape):
+    """Strided-slice max pooling against torch's max_pool2d (odd sizes drop the last row/column);
+    random inputs have no ties, so the gradient goes to the same element in both."""
+    torch = pytest.importorskip("torch")
+    from cpsc_jax.models.layers import max_pool
+    x = RNG.randn(*shape).astype(np.float32)
+    w = RNG.randn(shape[0], shape[1] // 2, shape[2] // 2, shape[3]).astype(np.float32)
+    y, grad = jax.value_and_grad(lambda x: jnp.sum(max_pool(x) * w))(jnp.asarray(x))
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    ty = torch.nn.functional.max_pool2d(tx, 2)
+    (ty * torch.tensor(w.transpose(0, 3, 1, 2))).sum().backward()
+    np.testing.assert_allclose(max_pool(jnp.asarray(x)), ty.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(grad, tx.grad.numpy().transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_upsample_gradient_is_the_block_sum(factor):
+    from cpsc_jax.models.generator import upsample_nearest
+    x = jnp.asarray(RNG.randn(2, 3, 4, 5).astype(np.float32))
+    g = RNG.randn(2, 3 * factor, 4 * factor, 5).astype(np.float32)
+    up, vjp = jax.vjp(lambda x: upsample_nearest(x, factor), x)
+    np.testing.assert_array_equal(up, np.repeat(np.repeat(np.asarray(x), factor, 1), factor, 2))
+    block_sum = g.reshape(2, 3, factor, 4, factor, 5).sum((2, 4))
+    np.testing.assert_allclose(vjp(jnp.asarray(g))[0], block_sum, rtol=1e-6, atol=1e-6)

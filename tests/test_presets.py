@@ -55,7 +55,7 @@ def test_presets_differ_only_in_their_own_fields(name):
     for c in (released, conditioned):
         for key in keys:
             parent, _, leaf = key.rpartition(".")
-            del (get_field(c, parent) if parent else c)[leaf]
+            del get_field(c, parent)[leaf]
     assert released.to_dict() == conditioned.to_dict()
     # and "conditioned" is what makes the generator honour its label (docs/conditioning.md)
     c = load_config(name, "conditioned")

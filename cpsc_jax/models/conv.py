@@ -136,12 +136,18 @@ def _canonical_conv_fwd(x, w, strides, padding, precision):
 
 
 def _input_grad(g, w, in_hw, strides, padding, precision):
-    """dX: transposed convolution of g with the flipped, in/out-swapped kernel."""
+    """dX: transposed convolution of g with the flipped, in/out-swapped kernel. With one output
+    channel that convolution has one input channel (g): the sum-of-windows form
+    (`_single_channel_conv`) on g dilated by the stride."""
     pads = []
     for size, k, s, (lo, _), out in zip(in_hw, w.shape[:2], strides, padding, g.shape[1:3]):
         # Output length (out-1)*s+1 + pad_lo + pad_hi - k + 1 must equal the input length.
         pads.append((k - 1 - lo, size - (out - 1) * s - 1 + lo))
     w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
+    if w.shape[3] == 1:
+        dilated = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), (0, 0, strides[0] - 1),
+                                                      (0, 0, strides[1] - 1), (0, 0, 0)])
+        return _single_channel_conv(dilated, w_t, (1, 1), pads)
     return lax.conv_general_dilated(g, w_t, (1, 1), pads, lhs_dilation=strides,
                                     dimension_numbers=CANONICAL, precision=precision)
 
@@ -188,27 +194,10 @@ def _input_grad_col2im(g, w, in_hw, strides, padding, precision):
     return dx[:, top:top + in_hw[0], left:left + in_hw[1], :].astype(g.dtype)
 
 
-def _input_grad_single_output_channel(g, w, in_hw, strides, padding):
-    """dX for C_out = 1: the transposed convolution has one input channel (g), so it is the
-    sum-of-windows form of `_single_channel_conv` on g dilated by the stride."""
-    kh, kw = w.shape[:2]
-    g = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), (0, 0, strides[0] - 1),
-                                            (0, 0, strides[1] - 1), (0, 0, 0)])
-    pads = []
-    for size, k, (lo, _), n in zip(in_hw, (kh, kw), padding, g.shape[1:3]):
-        pads.append((k - 1 - lo, size + lo - n))   # output length n + pads - k + 1 = size
-    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
-    return _single_channel_conv(g, w_t, (1, 1), pads)
-
-
 def _canonical_conv_bwd(strides, padding, precision, residuals, g):
     x, w = residuals
-    if x.shape[3] <= FEW_INPUT_CHANNELS:
-        dx = _input_grad_col2im(g, w, x.shape[1:3], strides, padding, precision)
-    elif w.shape[3] == 1:
-        dx = _input_grad_single_output_channel(g, w, x.shape[1:3], strides, padding)
-    else:
-        dx = _input_grad(g, w, x.shape[1:3], strides, padding, precision)
+    input_grad = _input_grad_col2im if x.shape[3] <= FEW_INPUT_CHANNELS else _input_grad
+    dx = input_grad(g, w, x.shape[1:3], strides, padding, precision)
     dw = _kernel_grad(x, g, w.shape[:2], strides, padding, precision)
     # Same dtypes as lax's own transpose rules: each gradient in its primal's dtype.
     return dx.astype(x.dtype), dw.astype(w.dtype)

@@ -145,6 +145,22 @@ def test_torch_iteration_runs_and_matches_shapes():
         assert tm.feature_dim(tm.get_model(arch, 10, ch), 32, ch) == dim
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_generator_runs_in_the_layout_its_weights_were_given(channels_last):
+    # The benchmark's PyTorch side is NCHW as released unless --torch_channels_last; a layout
+    # leaking from the generator's first reshape once made the default channels-last.
+    import torch
+    from cpsc_jax.pytorch.dfkd import TorchDFKD
+    from conftest import load_config
+    c = load_config("cifar10")      # 3 channels: the two layouts differ in the output too
+    c.teacher.arch, c.student.arch = "resnet20", "resnet20"
+    c.batch_size, c.generator.ngf = 4, 8
+    b = TorchDFKD(c, device="cpu", channels_last=channels_last)
+    with torch.no_grad():
+        x = b.G(torch.randn(4, c.generator.nz), torch.tensor([0, 1, 2, 3]))
+    wanted = torch.channels_last if channels_last else torch.contiguous_format
+    assert x.shape == (4, 3, 32, 32) and x.is_contiguous(memory_format=wanted)
+
 # ----------------------------------------------------------------------------- hygiene
 
 

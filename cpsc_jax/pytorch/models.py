@@ -234,9 +234,13 @@ class ConditionalGenerator(nn.Module):
         setattr(self, f"bn{num_upsamples + 1}", ConditionalBatchNorm(channels, num_classes))
 
     def forward(self, z, y):
-        # Flax reshapes the Dense output as NHWC; permute so both read the same units.
+        # Flax reshapes the Dense output as NHWC; permute so both read the same units. The
+        # permuted view has channels-last strides, which every later op would inherit: copy it
+        # to the standard layout, so the network runs in the layout its weights were given
+        # (NCHW as released; leaked channels-last made the benchmark's baseline ~1.5x faster
+        # on a CPU, docs/RESULTS.md).
         h = self.l1(z).view(z.shape[0], self.init_size, self.init_size, 2 * self.ngf)
-        h = self.bn0(h.permute(0, 3, 1, 2), y)
+        h = self.bn0(h.permute(0, 3, 1, 2).contiguous(), y)
         for i in range(1, self.n + 1):
             h = F.interpolate(h, scale_factor=2, mode="nearest")
             h = F.leaky_relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(h), y), 0.2)

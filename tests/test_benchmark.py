@@ -161,6 +161,7 @@ def test_torch_generator_runs_in_the_layout_its_weights_were_given(channels_last
     wanted = torch.channels_last if channels_last else torch.contiguous_format
     assert x.shape == (4, 3, 32, 32) and x.is_contiguous(memory_format=wanted)
 
+
 # ----------------------------------------------------------------------------- hygiene
 
 

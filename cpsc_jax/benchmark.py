@@ -135,6 +135,10 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+class BaselineMismatch(UserError, ValueError):
+    """The PyTorch baseline cannot run what the config asks for."""
+
+
 class LoadTooHigh(UserError, RuntimeError):
     """The machine is busier than it has cores: timings would measure the other jobs."""
 
@@ -416,8 +420,9 @@ def necessary_flops(config) -> Dict[str, float]:
     generator step: G forward + weight + input gradients (not its first layer's: z);
                     teacher forward + input gradients; student forward + input gradients;
                     adapter likewise (+ weight gradients when it trains);
-    student step:   G forward; teacher forward; student forward + weight + input gradients
-                    (not its first layer's: the images are constants)."""
+    student step:   G forward (not with a replay memory: its images are stored); teacher
+                    forward; student forward + weight + input gradients (not its first
+                    layer's: the images are constants)."""
     from cpsc_jax import steps
     from cpsc_jax.checkpoint import ModelSpec
     b, c = config.batch_size, config
@@ -446,7 +451,7 @@ def necessary_flops(config) -> Dict[str, float]:
     adapter_trains = c.adapter_optimizer != "frozen"
     generator_step = (g + g + (g - g1) + t + (t if teacher_grad else 0.0)
                       + s + (s if student_grad else 0.0) + a + a + (a if adapter_trains else 0.0))
-    student_step = g + t + s + s + (s - s1)
+    student_step = (g if c.student_data == "fresh" else 0.0) + t + s + s + (s - s1)
     return {"generator_step": generator_step, "student_step": student_step,
             "forward": {"generator": g, "teacher": t, "student": s, "adapter": a}}
 
@@ -622,6 +627,15 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
     """Builds, compiles and times every variant; returns one flat dict (see module doc).
     Refuses (`LoadTooHigh`) when the machine is busier than its cores, unless `force`;
     `compiler_options` are added to the JAX executables' own."""
+    torch_modes = [m for m in torch_modes if m != "none"]
+    aug = config.student_augment
+    if torch_modes and (config.student_data != "fresh" or aug.crop_padding or aug.flip):
+        raise BaselineMismatch(
+            "the PyTorch baseline runs the released student phase (fresh images, no "
+            f"augmentation), not student_data={config.student_data!r} with student_augment="
+            f"(crop_padding={aug.crop_padding}, flip={aug.flip}): time this config with "
+            "--torch none, or compare with --config.student_data=fresh "
+            "--config.student_augment.crop_padding=0 --config.student_augment.flip=False")
     load_start = check_load(force)
     dev = describe_jax_device()
     images_per_iter = (config.g_steps + config.s_steps) * config.batch_size
@@ -653,7 +667,6 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
 
     torch_runners: Dict[str, TorchRunner] = {}
     threads_before = thread_ids()
-    torch_modes = [m for m in torch_modes if m != "none"]
     if torch_modes and not torch_available():
         log("  torch is not installed: skipping the PyTorch baseline")
         result["torch_skipped"] = "torch not installed"

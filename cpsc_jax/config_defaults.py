@@ -20,6 +20,21 @@ Fields:
     generator_optimizer   "reset" (released: a new Adam every step) or "persistent"
     generator_schedule    for "persistent": "constant" or "cosine"
     adapter_optimizer     "frozen" (released: the adapter never changes) or "sgd"
+    student_data          "fresh" (released: every student step generates new images),
+                          "replay" (student steps draw from the generator's last images) or
+                          "fresh+replay" (a fresh batch plus replay_batch stored images;
+                          cpsc_jax.replay)
+    replay_size           images the replay memory holds (a multiple of batch_size; 0: one
+                          epoch of generator output, epoch_itrs * g_steps * batch_size)
+    replay_batch          stored images per student step with "fresh+replay" (0: batch_size)
+    student_augment.{crop_padding, flip, mixup}
+                          the student phase's images randomly cropped after edge padding /
+                          flipped / mixed with a partner, mixup = Beta(a, a)'s a (released: 0,
+                          False, 0.0)
+    student_grad_clip     the student's gradients clipped to this global norm before its
+                          optimizer (0: off, released)
+    generator_reinit_every  epochs between re-initialisations of the generator and its
+                          optimizer (0: never, released)
     loss.{kd, alpha, beta, gamma, eta, student_eta}    loss weights; 0 removes the term
                           (eta: the generator's CE on the teacher; student_eta: the student's)
     loss.ikd_form         "log" (released for CIFAR-10) or "mse" (released elsewhere)
@@ -67,6 +82,8 @@ PRESETS = {
         "student_schedule": "per_epoch", "adapter_optimizer": "frozen",
         "loss.ce_form": "double_softmax", "loss.student_ce_form": "double_softmax",
         "loss.student_eta": "=loss.eta",
+        "student_data": "fresh", "student_augment.crop_padding": 0, "student_augment.flip": False,
+        "student_augment.mixup": 0.0, "student_grad_clip": 0.0, "generator_reinit_every": 0,
     },
     # Measured on digits and MNIST (docs/conditioning.md, docs/RESULTS.md).
     "conditioned": {
@@ -171,6 +188,12 @@ def distillation_config(dataset: str, teacher: str = "resnet34",
     c.generator_optimizer = "reset"
     c.generator_schedule = "constant"
     c.adapter_optimizer = "frozen"
+    c.student_data = "fresh"
+    c.replay_size = 0
+    c.replay_batch = 0
+    c.student_augment = ml_collections.ConfigDict(dict(crop_padding=0, flip=False, mixup=0.0))
+    c.student_grad_clip = 0.0
+    c.generator_reinit_every = 0
 
     c.loss = ml_collections.ConfigDict(dict(
         kd=1.0, alpha=5.0, beta=1.0, gamma=0.7, eta=0.7, student_eta=0.7,

@@ -48,6 +48,34 @@ def validate_config(config, num_devices: int = 1) -> None:
            f"config.student_schedule must be 'per_epoch' (released) or 'per_step', got {config.student_schedule!r}")
     _check(config.adapter_optimizer in ("frozen", "sgd"),
            f"config.adapter_optimizer must be 'frozen' (released) or 'sgd', got {config.adapter_optimizer!r}")
+    from cpsc_jax.replay import STUDENT_DATA, memory_size
+    _check(config.student_data in STUDENT_DATA,
+           f"config.student_data must be 'fresh' (released), 'replay' or 'fresh+replay', got "
+           f"{config.student_data!r}")
+    _check(isinstance(config.replay_size, int) and not isinstance(config.replay_size, bool)
+           and config.replay_size >= 0 and memory_size(config) % config.batch_size == 0,
+           f"config.replay_size must be 0 (one epoch of generator output) or a positive multiple "
+           f"of batch_size={config.batch_size}, got {config.replay_size!r}")
+    _check(isinstance(config.replay_batch, int) and not isinstance(config.replay_batch, bool)
+           and config.replay_batch >= 0 and config.replay_batch % num_devices == 0,
+           f"config.replay_batch must be 0 (batch_size) or a positive multiple of the device "
+           f"count {num_devices}, got {config.replay_batch!r}")
+    _check(config.student_grad_clip >= 0,
+           f"config.student_grad_clip must be >= 0 (0: no clipping), got {config.student_grad_clip!r}")
+    _check(isinstance(config.generator_reinit_every, int)
+           and not isinstance(config.generator_reinit_every, bool)
+           and config.generator_reinit_every >= 0,
+           f"config.generator_reinit_every must be an integer >= 0 (epochs; 0: never), got "
+           f"{config.generator_reinit_every!r}")
+    aug = config.student_augment
+    _check(isinstance(aug.crop_padding, int) and not isinstance(aug.crop_padding, bool)
+           and 0 <= aug.crop_padding <= config.image_size,
+           f"config.student_augment.crop_padding must be an integer in [0, image_size="
+           f"{config.image_size}], got {aug.crop_padding!r}")
+    _check(isinstance(aug.flip, bool),
+           f"config.student_augment.flip must be True or False, got {aug.flip!r}")
+    _check(aug.mixup >= 0, f"config.student_augment.mixup must be >= 0 (Beta(a, a)'s a; 0: no "
+           f"mixup), got {aug.mixup!r}")
     loss = config.loss
     for field in ("kd", "alpha", "beta", "gamma", "eta", "student_eta"):
         _check(loss[field] >= 0, f"config.loss.{field} is a loss weight and must be >= 0 "

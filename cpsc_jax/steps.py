@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cpsc_jax import objectives, runtime
+from cpsc_jax import objectives, replay, runtime
+from cpsc_jax.augment import mixup, random_crop_flip
 from cpsc_jax.dtypes import at_least_float32
 from cpsc_jax.models import ConditionalGenerator, FeatureAdapter, get_model
 from cpsc_jax.models.layers import LayerOptions, with_options
@@ -44,6 +45,7 @@ class DistillState:
     generator: TrainState
     student: TrainState
     adapter: Optional[TrainState]
+    memory: Optional[replay.ReplayMemory] = None   # config.student_data != "fresh"
 
 
 def build_networks(config, teacher, feature_dims: Optional[Tuple[int, int]] = None,
@@ -80,15 +82,19 @@ def feature_dim(model: nn.Module, config) -> int:
     return shapes[0][1].shape[-1]
 
 
+def _init_generator(nets: Networks, config, rng) -> TrainState:
+    g_vars = nets.generator.clone(axis_name=None).init(
+        rng, jnp.zeros((2, config.generator.nz)), jnp.zeros((2,), jnp.int32))
+    return TrainState.create(apply_fn=nets.generator.apply, params=g_vars["params"],
+                             batch_stats=g_vars["batch_stats"], tx=generator_optimizer(config))
+
+
 def init_state(nets: Networks, config, rng) -> DistillState:
     """Fresh generator, student and adapter states (initialised outside pmap, no axis)."""
     k_gen, k_stu, k_ada, k_run = jax.random.split(rng, 4)
     x = jnp.zeros((2, config.image_size, config.image_size, config.channels), jnp.float32)
-    gen = nets.generator.clone(axis_name=None)
-    g_vars = gen.init(k_gen, jnp.zeros((2, config.generator.nz)), jnp.zeros((2,), jnp.int32))
     s_vars = nets.student.clone(axis_name=None).init(k_stu, x)
-    generator = TrainState.create(apply_fn=nets.generator.apply, params=g_vars["params"],
-                                  batch_stats=g_vars["batch_stats"], tx=generator_optimizer(config))
+    generator = _init_generator(nets, config, k_gen)
     student = TrainState.create(apply_fn=nets.student.apply, params=s_vars["params"],
                                 batch_stats=s_vars.get("batch_stats", {}),
                                 tx=student_optimizer(config, config.s_steps))
@@ -97,7 +103,16 @@ def init_state(nets: Networks, config, rng) -> DistillState:
         a_vars = nets.adapter.init(k_ada, jnp.zeros((2, nets.adapter.hidden)))
         adapter = TrainState.create(apply_fn=nets.adapter.apply, params=a_vars["params"],
                                     tx=adapter_optimizer(config))
-    return DistillState(jnp.zeros((), jnp.int32), k_run, generator, student, adapter)
+    memory = replay.create(config)
+    return DistillState(jnp.zeros((), jnp.int32), k_run, generator, student, adapter, memory)
+
+
+def reinit_generator(nets: Networks, config, state: DistillState, epoch: int) -> DistillState:
+    """`state` with a new generator (parameters, batch statistics, optimizer) drawn from the
+    run's key and `epoch` (`config.generator_reinit_every`): it stops settling on the images
+    it has learned to make, while the student and the replay memory keep what it made."""
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, 0x6E17), epoch)
+    return state.replace(generator=_init_generator(nets, config, key))
 
 
 def sample_conditioning(rng, config, device_index, num_devices: int):
@@ -119,8 +134,9 @@ def _generate(nets, gen: TrainState, params, z, y):
 
 def generator_step(nets: Networks, config, num_devices: int, teacher_vars, device_index,
                    carry, rng):
-    """One generator update on `objectives.generator_objective` (fresh z, y)."""
-    gen, stu, ada = carry
+    """One generator update on `objectives.generator_objective` (fresh z, y); with a replay
+    memory, its images and labels are stored there as well."""
+    gen, stu, ada, mem = carry
     z, y = sample_conditioning(rng, config, device_index, num_devices)
     student_vars = {"params": stu.params, "batch_stats": stu.batch_stats}
 
@@ -128,11 +144,11 @@ def generator_step(nets: Networks, config, num_devices: int, teacher_vars, devic
         x, g_stats = _generate(nets, gen, g_params, z, y)
         parts, terms, s_stats = objectives.generator_objective(
             nets, config.loss, teacher_vars, x, y, student_vars, a_params, AXIS)
-        return objectives.total(parts), (terms, g_stats, s_stats)
+        return objectives.total(parts), (terms, g_stats, s_stats, x)
 
     a_params = ada.params if ada is not None else None
     train_adapter = ada is not None and config.adapter_optimizer != "frozen"
-    (loss, (terms, g_stats, s_stats)), grads = jax.value_and_grad(
+    (loss, (terms, g_stats, s_stats, x)), grads = jax.value_and_grad(
         loss_fn, argnums=(0, 1) if train_adapter else 0, has_aux=True)(gen.params, a_params)
     g_grads, a_grads = jax.lax.pmean(grads if train_adapter else (grads, None), AXIS)
     if config.generator_optimizer == "reset":
@@ -142,17 +158,64 @@ def generator_step(nets: Networks, config, num_devices: int, teacher_vars, devic
     stu = stu.replace(batch_stats=s_stats)
     if train_adapter:
         ada = ada.apply_gradients(grads=a_grads)
+    if mem is not None:
+        mem = replay.write(mem, _gather(jax.lax.stop_gradient(x)), _gather(y))
     metrics = jax.lax.pmean({"loss": loss, **terms}, AXIS)
-    return (gen, stu, ada), metrics
+    return (gen, stu, ada, mem), metrics
+
+
+def _gather(a):
+    """The global batch of a per-device array (rows in device order)."""
+    return jax.lax.all_gather(a, AXIS, tiled=True)
+
+
+def _gather_rows(x, rows, total: int):
+    """The global batch [total, ...] of which this device holds rows `rows` (as `x`); exact:
+    every other device adds zeros there."""
+    return jax.lax.psum(jnp.zeros((total,) + x.shape[1:], x.dtype).at[rows].set(x), AXIS)
 
 
 def student_step(nets: Networks, config, num_devices: int, teacher_vars, device_index,
                  carry, rng):
-    """One student update on `objectives.student_objective`, on fresh synthetic images."""
-    gen, stu, ada = carry
-    z, y = sample_conditioning(rng, config, device_index, num_devices)
-    x, g_stats = _generate(nets, gen, gen.params, z, y)  # G stays in training mode
-    x = jax.lax.stop_gradient(x)
+    """One student update on `objectives.student_objective`, on fresh synthetic images, stored
+    ones (`config.student_data`: "replay"), or both ("fresh+replay": the fresh batch, stored in
+    the memory, plus `replay.replay_batch(config)` stored images), augmented by
+    `config.student_augment`."""
+    gen, stu, ada, mem = carry
+    local = config.batch_size // num_devices
+    start = device_index * local
+    parts_x, parts_y, parts_rows, offset = [], [], [], 0
+    if config.student_data != "replay":
+        z, y = sample_conditioning(rng, config, device_index, num_devices)
+        x, g_stats = _generate(nets, gen, gen.params, z, y)  # G stays in training mode
+        x = jax.lax.stop_gradient(x)
+        gen = gen.replace(batch_stats=g_stats)
+        parts_x.append(x)
+        parts_y.append(y)
+        parts_rows.append(start + jnp.arange(local))
+        offset = config.batch_size
+    if mem is not None:
+        draw = replay.replay_batch(config)
+        draw_local = draw // num_devices
+        xr, yr = replay.sample(mem, jax.random.fold_in(rng, 1), draw, device_index * draw_local,
+                               draw_local)
+        if config.student_data == "fresh+replay":   # drawn before this step's images go in
+            mem = replay.write(mem, _gather(parts_x[0]), _gather(parts_y[0]))
+        parts_x.append(xr.astype(jnp.float32))
+        parts_y.append(yr)
+        parts_rows.append(offset + device_index * draw_local + jnp.arange(draw_local))
+        offset += draw
+    x, y = jnp.concatenate(parts_x), jnp.concatenate(parts_y)
+    # Global row indices of this device's images in the student's global batch [fresh; stored]:
+    # random augmentation is drawn per global row, so device counts agree.
+    rows = jnp.concatenate(parts_rows)
+    aug = config.student_augment
+    if aug.crop_padding or aug.flip:
+        # Edge padding: the border of a synthetic image stays its background.
+        x = random_crop_flip(jax.random.fold_in(rng, 2), x, aug.crop_padding, aug.flip, "edge",
+                             offset, rows=rows)
+    if aug.mixup > 0:
+        x = mixup(jax.random.fold_in(rng, 3), _gather_rows(x, rows, offset), rows, aug.mixup)
     t_logits = at_least_float32(nets.teacher.apply(teacher_vars, x, train=False))
 
     def loss_fn(s_params):
@@ -164,9 +227,8 @@ def student_step(nets: Networks, config, num_devices: int, teacher_vars, device_
     (loss, (terms, s_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(stu.params)
     grads = jax.lax.pmean(grads, AXIS)
     stu = stu.apply_gradients(grads=grads, batch_stats=s_stats)
-    gen = gen.replace(batch_stats=g_stats)
     metrics = jax.lax.pmean({"loss": loss, **terms}, AXIS)
-    return (gen, stu, ada), metrics
+    return (gen, stu, ada, mem), metrics
 
 
 PHASES = ("generator", "student")
@@ -199,7 +261,7 @@ def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool 
     def iteration(state: DistillState, teacher_vars, device_ids):
         del device_ids   # pmap's mapped argument; the global index comes from the axis
         device_index = jax.lax.axis_index(AXIS)
-        carry = (state.generator, state.student, state.adapter)
+        carry = (state.generator, state.student, state.adapter, state.memory)
         metrics = {}
         for phase in PHASES:
             if not counts[phase]:
@@ -209,8 +271,9 @@ def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool 
                                      device_index)
             carry, phase_metrics = repeat_steps(step, carry, keys, unroll)
             metrics.update({f"{phase}/{k}": jnp.mean(v) for k, v in phase_metrics.items()})
-        gen, stu, ada = carry
-        new_state = state.replace(step=state.step + 1, generator=gen, student=stu, adapter=ada)
+        gen, stu, ada, mem = carry
+        new_state = state.replace(step=state.step + 1, generator=gen, student=stu, adapter=ada,
+                                  memory=mem)
         return new_state, metrics
 
     return runtime.data_parallel(iteration, num_unmapped=2, donate_state=donate)

@@ -29,6 +29,7 @@ import optax
 from cpsc_jax import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
 from cpsc_jax import runtime
+from cpsc_jax.augment import random_crop_flip
 from cpsc_jax.config_validation import validate_teacher_config
 from cpsc_jax.evaluation import accuracy
 from cpsc_jax.metrics import JsonlWriter, format_duration
@@ -43,23 +44,6 @@ CONFIG_FILE = "teacher_config.json"
 HARMLESS = ("log_every_s", "eval_every", "eval_batch_size", "steps_per_call",
             "checkpoint_min_interval_s", "data.dir", "data.tfds_dir", "data.extra_eval")
 EXTENDABLE = ("epochs",)
-
-
-# --- augmentation ------------------------------------------------------------------------------
-
-def random_crop_flip(rng, x, padding: int, flip: bool):
-    """Per-image random crop after zero padding, and horizontal flips, on device."""
-    b, h, w, _ = x.shape
-    k_crop, k_flip = jax.random.split(rng)
-    if padding:
-        xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * padding + 1)
-        x = jax.vmap(lambda img, o: jax.lax.dynamic_slice(
-            img, (o[0], o[1], 0), (h, w, img.shape[-1])))(xp, offsets)
-    if flip:
-        mask = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
-        x = jnp.where(mask, x[:, :, ::-1, :], x)
-    return x
 
 
 # --- state and step ----------------------------------------------------------------------------

@@ -47,8 +47,11 @@ def student_schedule(config, steps_per_iteration: int):
 
 
 def student_optimizer(config, steps_per_iteration: int):
-    """SGD with momentum; weight decay added to the gradient before momentum, as PyTorch does."""
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+    """SGD with momentum; weight decay added to the gradient before momentum, as PyTorch does.
+    With `student_grad_clip` > 0 the loss gradient is first clipped to that global norm (one
+    outsized step can kill every ReLU of a small student; docs/RESULTS.md)."""
+    clip = [optax.clip_by_global_norm(config.student_grad_clip)] if config.student_grad_clip else []
+    return optax.chain(*clip, optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(student_schedule(config, steps_per_iteration),
                                  momentum=config.momentum))
 

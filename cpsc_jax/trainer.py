@@ -28,7 +28,7 @@ import numpy as np
 
 from cpsc_jax import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
-from cpsc_jax import faithfulness
+from cpsc_jax import collapse, faithfulness
 from cpsc_jax import images as images_lib
 from cpsc_jax import runtime, steps
 from cpsc_jax.config_validation import validate_config, validate_teacher
@@ -234,6 +234,8 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
                 if last.get("student_accuracy") is not None:
                     acc_text = (f" | student {last['student_accuracy']:.2f}% "
                                 f"(best {meta['best_student_accuracy']:.2f}%)")
+            if meta["history"] and meta["history"][-1].get("collapse", {}).get("collapsed"):
+                acc_text += " | COLLAPSED student (see the last epoch line)"
             elapsed.tick()
             progress.line(step, _format_metrics(m) + acc_text)
         if not epoch_end:
@@ -258,10 +260,12 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
         faithful = faithfulness.probe_statistics(generated, probe, teacher_model, teacher_vars,
                                                  real_diversity)
         predicted = faithful.pop("predicted")
+        student_probs, _ = faithfulness.teacher_outputs(student_model, student_vars, generated)
+        health = collapse.check(np.argmax(student_probs, -1), predicted, config.num_classes)
         total_elapsed = elapsed.tick()
         meta["history"].append({"epoch": epoch, "step": step, "student_accuracy": acc,
                                 "accuracies": accs, "faithfulness": faithful,
-                                "elapsed_s": round(total_elapsed, 1)})
+                                "collapse": health, "elapsed_s": round(total_elapsed, 1)})
         if topo.is_writer:
             grid = save_samples(os.path.join(workdir, "samples", f"epoch_{epoch:04d}.png"),
                                 generated, probe, predicted, config, mean, std)
@@ -270,7 +274,8 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
         record = {"epoch": epoch, "student_accuracy": acc,
                   "best_student_accuracy": meta["best_student_accuracy"],
                   **{f"student_accuracy/{k}": v for k, v in accs.items()},
-                  **faithfulness.scalars(faithful), "elapsed_s": total_elapsed}
+                  **faithfulness.scalars(faithful), **collapse.scalars(health),
+                  "elapsed_s": total_elapsed}
         writer.write(step, record)
         tb.write(step, record)
         tb.flush()
@@ -279,11 +284,14 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
         if improved:
             _save_student(os.path.join(workdir, "student_best"), config, teacher, mean, std,
                           student_vars, {"epoch": epoch, "student_accuracy": acc})
+        if config.generator_reinit_every and epoch % config.generator_reinit_every == 0:
+            state = runtime.replicate(steps.reinit_generator(nets, config, state, epoch), topo)
         checkpointer.save(step, state, meta)
         acc_text = ("student " + _format_accuracies(accs, eval_sets)
                     + f" (best {meta['best_student_accuracy']:.2f}% at epoch {meta['best_epoch']}),"
                     f" teacher {teacher_accs['test']:.2f}%; ") if acc is not None else ""
-        say(f"epoch {epoch}/{config.epochs}: {acc_text}{faithfulness.summary(faithful)}")
+        say(f"epoch {epoch}/{config.epochs}: {acc_text}{faithfulness.summary(faithful)}"
+            + (" | " + collapse.warning(health) if health["collapsed"] else ""))
         epochs_run += 1
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs and step < total:
             say(f"stopping after {epochs_run} epoch(s) as asked; re-run to resume")
@@ -308,6 +316,11 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
                                   if final.get("test") is not None and teacher_accs.get("test")
                                   else None),
         "faithfulness": meta["history"][-1].get("faithfulness") if meta["history"] else None,
+        # A student that answers one class (cpsc_jax.collapse): at the end, and every epoch it was.
+        "collapsed": bool(meta["history"] and meta["history"][-1].get("collapse", {}).get(
+            "collapsed")),
+        "collapsed_epochs": [h["epoch"] for h in meta["history"]
+                             if h.get("collapse", {}).get("collapsed")],
         "iterations": total,
         "teacher_checkpoint": teacher.path,
         "student_checkpoint": student_path,
@@ -321,6 +334,8 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
         with open(tmp, "w") as f:
             json.dump(results, f, indent=2)
         os.replace(tmp, os.path.join(workdir, RESULTS))
+    if results["collapsed"]:
+        say(collapse.warning(meta["history"][-1]["collapse"]) + ": the final student is useless")
     if results["student_accuracy"] is not None:
         say(f"done in {format_duration(elapsed_total)}: student {results['student_accuracy']:.2f}%"
             f" final, {meta['best_student_accuracy']:.2f}% best; teacher "

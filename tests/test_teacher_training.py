@@ -31,22 +31,6 @@ def digits_config(**kw):
     return c
 
 
-# --- augmentation ------------------------------------------------------------------------------
-
-def test_random_crop_flip_semantics():
-    x = jnp.asarray(np.random.RandomState(0).rand(6, 5, 5, 2), jnp.float32)
-    key = jax.random.PRNGKey(0)
-    chex.assert_trees_all_equal(tt.random_crop_flip(key, x, 0, False), x)
-    flipped = np.asarray(tt.random_crop_flip(key, x, 0, True))
-    for a, b in zip(flipped, np.asarray(x)):
-        assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
-    cropped = np.asarray(tt.random_crop_flip(jax.random.PRNGKey(3), x, 2, False))
-    padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))  # zero (black) padding
-    for a, p in zip(cropped, padded):
-        assert any(np.array_equal(a, p[i:i + 5, j:j + 5]) for i in range(5) for j in range(5))
-    assert cropped.shape == x.shape
-
-
 # --- the data-parallel step --------------------------------------------------------------------
 
 def _state(arch="small_cnn", size=8, channels=1, axis=tt.AXIS):

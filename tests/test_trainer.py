@@ -238,3 +238,19 @@ def test_train_and_evaluate_in_process(tmp_path, digits_teacher_model):
     assert acc == pytest.approx(results["student_accuracy"])
     best_spec, _ = ckpt_lib.load_model(str(workdir / "student_best"))
     assert best_spec.extra["epoch"] == results["best_epoch"]
+
+
+def test_a_collapsed_student_is_reported_in_the_log_metrics_and_results(tmp_path,
+                                                                         digits_teacher_model):
+    """An outsized student rate kills its ReLUs: it answers one class, and the run says so."""
+    config = tiny_digits_config("released")
+    config.lr_student = 30.0
+    lines = []
+    results = train_and_evaluate(config, str(tmp_path / "run"), digits_teacher_model,
+                                 log=lines.append)
+    assert results["collapsed"] is True and results["collapsed_epochs"][-1] == config.epochs
+    assert results["history"][-1]["collapse"]["student_share"] >= 0.5
+    assert any("WARNING: collapsed student" in line for line in lines)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    flags = [r["collapse/collapsed"] for r in records if "collapse/collapsed" in r]
+    assert flags and flags[-1] == 1.0

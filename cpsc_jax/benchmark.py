@@ -451,7 +451,7 @@ def necessary_flops(config) -> Dict[str, float]:
     adapter_trains = c.adapter_optimizer != "frozen"
     generator_step = (g + g + (g - g1) + t + (t if teacher_grad else 0.0)
                       + s + (s if student_grad else 0.0) + a + a + (a if adapter_trains else 0.0))
-    student_step = (g if c.student_data == "fresh" else 0.0) + t + s + s + (s - s1)
+    student_step = (g if c.student_data != "replay" else 0.0) + t + s + s + (s - s1)
     return {"generator_step": generator_step, "student_step": student_step,
             "forward": {"generator": g, "teacher": t, "student": s, "adapter": a}}
 

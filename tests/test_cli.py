@@ -381,3 +381,30 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, digits_teacher):
     assert r.returncode == 0, r.stderr
     assert "resuming from iteration" in r.stdout
     assert json.loads((workdir / "results.json").read_text())["iterations"] == 60
+
+
+HELP_CASES = [
+    ("train", ["--config", "--workdir", "--stop_after_epochs", "cpsc-train --config digits"]),
+    ("train_teacher", ["--config", "--workdir", "cpsc-train-teacher --config teacher:mnist"]),
+    ("ablate", ["--grid", "--seeds", "cpsc-ablate --config digits --grid"]),
+    ("benchmark", ["--config", "--torch", "cpsc-benchmark --config mnist"]),
+    ("evaluate", ["--checkpoint", "--data"]),
+    ("convert_teacher", ["--arch", "--input", "--output"]),
+    ("export_student", ["--checkpoint", "--output"]),
+]
+
+
+@pytest.mark.parametrize("command,words", HELP_CASES, ids=[c for c, _ in HELP_CASES])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_command_answers_help(command, words, flag, capsys):
+    code, out, err = run_cli(command, [flag], capsys)
+    assert code == 0, err
+    assert "Unknown command line flag" not in out + err
+    for w in words:
+        assert w in out, f"{w!r} not in the --help of {command}"
+
+
+def test_helpfull_adds_the_library_flags(capsys):
+    code, out, _ = run_cli("train", ["--helpfull"], capsys)
+    short = run_cli("train", ["--help"], capsys)[1]
+    assert code == 0 and "--config" in out and len(out) > len(short) and "--flagfile" in out

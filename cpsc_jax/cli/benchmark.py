@@ -1,4 +1,4 @@
-"""cpsc-benchmark: time one CPSC-DFKD iteration (G_steps + S_steps) and each phase, JAX against
+r"""cpsc-benchmark: time one CPSC-DFKD iteration (G_steps + S_steps) and each phase, JAX against
 PyTorch.
 
     cpsc-benchmark --config mnist

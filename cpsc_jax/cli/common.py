@@ -17,6 +17,7 @@ from absl import flags, logging
 from cpsc_jax.errors import UserError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull", "-helpfull")
 
 
 def shipped_configs() -> dict:
@@ -117,6 +118,9 @@ def main(define: Callable[[flags.FlagValues], None],
     argv = list(sys.argv if argv is None else argv)
     F = new_flags()
     define(F)
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        sys.exit(print_help(F, sys.modules[run.__module__].__doc__ or "",
+                            full=any(a in ("--helpfull", "-helpfull") for a in argv[1:])))
     saved_argv = sys.argv
     given = ""
     try:
@@ -166,6 +170,21 @@ def main(define: Callable[[flags.FlagValues], None],
     finally:
         signal.signal(signal.SIGINT, previous)
     sys.exit(code or 0)
+
+
+def print_help(F: flags.FlagValues, doc: str, full: bool = False) -> int:
+    """The command's description and examples (its module docstring) and its flags, as absl's
+    own `--help` writes them; `full` adds absl's and ml_collections' own flags."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "command"
+    print(doc.strip() + "\n")
+    print(f"usage: {name} [--flag=value ...] [--config.FIELD=VALUE ...]\n")
+    print("flags:")
+    print(F.get_help(include_special_flags=full))
+    print("\nEvery field of the config can be overridden: --config.batch_size=64, "
+          "--config.loss.alpha=0.1 (dotted names; see cpsc_jax/config_defaults.py).")
+    if full:
+        print("\nabsl flags:\n" + flags.FLAGS.get_help(include_special_flags=True))
+    return 0
 
 
 def _fail(error, prefix: str = "") -> None:

@@ -1,4 +1,4 @@
-"""Convert a PyTorch teacher (.pt/.pth/.th state_dict) into a cpsc-jax model checkpoint.
+r"""Convert a PyTorch teacher (.pt/.pth/.th state_dict) into a cpsc-jax model checkpoint.
 
     cpsc-convert-teacher --arch resnet34 --num-classes 100 \
         --input cifar100_resnet34.pth --output teachers/cifar100_resnet34 --dataset cifar100

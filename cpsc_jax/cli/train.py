@@ -1,4 +1,4 @@
-"""cpsc-train: distil a student from a teacher with CPSC-DFKD.
+r"""cpsc-train: distil a student from a teacher with CPSC-DFKD.
 
     cpsc-train --config digits --workdir runs/digits
     cpsc-train --config cifar10 --workdir W --config.teacher.checkpoint=TEACHER \

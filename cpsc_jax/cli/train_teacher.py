@@ -1,4 +1,4 @@
-"""cpsc-train-teacher: train a teacher classifier on real data (the released recipe), resumable.
+r"""cpsc-train-teacher: train a teacher classifier on real data (the released recipe), resumable.
 
     cpsc-train-teacher --config teacher:mnist --config.data.dir=/path/to/mnist \
         --workdir workdirs/mnist_teacher

@@ -207,6 +207,7 @@ def distillation_config(dataset: str, teacher: str = "resnet34",
     c.bn_sync = "global"
     c.eval_batch_size = 500
     c.log_every = 10
+    c.checkpoint_every_minutes = 0.0   # also save mid-epoch this often (0: at epoch ends only)
     c.sample_columns = 8
     c.log_conditioning = False
     c.profile_steps = 0

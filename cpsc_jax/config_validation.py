@@ -67,6 +67,9 @@ def validate_config(config, num_devices: int = 1) -> None:
            and config.generator_reinit_every >= 0,
            f"config.generator_reinit_every must be an integer >= 0 (epochs; 0: never), got "
            f"{config.generator_reinit_every!r}")
+    _check(config.checkpoint_every_minutes >= 0,
+           f"config.checkpoint_every_minutes must be >= 0 (0: at epoch ends only), got "
+           f"{config.checkpoint_every_minutes!r}")
     aug = config.student_augment
     _check(isinstance(aug.crop_padding, int) and not isinstance(aug.crop_padding, bool)
            and 0 <= aug.crop_padding <= config.image_size,

@@ -175,23 +175,32 @@ def data_parallel(fn: Callable, num_unmapped: int, num_mapped: int = 1,
 
 # ----------------------------------------------------------------------------- stopping
 
-_STOP = {"requested": False}
+_STOP = {"requested": False, "signal": None}
 
 
-def request_stop() -> None:
-    """Asks the training loops to stop at their next step (the command-line tools' Ctrl-C)."""
+def request_stop(signum: Optional[int] = None) -> None:
+    """Asks the training loops to save their current state and stop at their next step (the
+    command-line tools' Ctrl-C and SIGTERM; `signum` says which)."""
     _STOP["requested"] = True
+    _STOP["signal"] = signum
 
 
 def stop_requested() -> bool:
     return _STOP["requested"]
 
 
-def stop_if_requested() -> None:
-    """Called by the training loops once per step: a requested stop raises KeyboardInterrupt
-    there, between steps, where the checkpoints are consistent."""
+def stop_signal() -> Optional[int]:
+    """The signal behind the last stop request (None: none, or asked from Python)."""
+    return _STOP["signal"]
+
+
+def stop_if_requested(on_stop: Optional[Callable[[], None]] = None) -> None:
+    """Called by the training loops once per step: a requested stop runs `on_stop` (which saves
+    the current state) and raises KeyboardInterrupt there, between steps."""
     if _STOP["requested"]:
         _STOP["requested"] = False
+        if on_stop is not None:
+            on_stop()
         raise KeyboardInterrupt
 
 

@@ -39,7 +39,7 @@ from cpsc_jax.models import get_model
 from cpsc_jax.teacher import Teacher
 
 # Changing these on resume only warns; `epochs` may grow (the cosine schedule then stretches).
-HARMLESS = ("log_every", "eval_batch_size", "sample_columns", "log_conditioning",
+HARMLESS = ("log_every", "checkpoint_every_minutes", "eval_batch_size", "sample_columns", "log_conditioning",
             "profile_steps", "data.dir", "data.tfds_dir", "data.extra_eval",
             "teacher.checkpoint", "teacher.train_if_missing", "teacher.training.")
 EXTENDABLE = ("epochs",)
@@ -213,8 +213,22 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
         f"{topo.describe()}")
     if conditioning is not None and start == 0:
         log_conditioning(0)
+    saved = {"step": start, "at": time.time()}
+
+    def save_now(stopping: bool = False):
+        # The current state, not the last epoch's: a re-run resumes here bit-identically.
+        if step > saved["step"] and jax.process_count() == 1:
+            checkpointer.save(step, state, meta)
+            saved.update(step=step, at=time.time())
+        if stopping:
+            say(f"saved iteration {saved['step']} of {total} to {workdir}/checkpoints"
+                if saved["step"] else "stopped before the first iteration: nothing to save")
+
     while step < total:
-        runtime.stop_if_requested()
+        if (config.checkpoint_every_minutes
+                and time.time() - saved["at"] >= 60 * config.checkpoint_every_minutes):
+            save_now()
+        runtime.stop_if_requested(on_stop=lambda: save_now(stopping=True))
         state, metrics = iteration(state, teacher_vars, ids)
         step += 1
         if step == start + 1:
@@ -287,6 +301,7 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
         if config.generator_reinit_every and epoch % config.generator_reinit_every == 0:
             state = runtime.replicate(steps.reinit_generator(nets, config, state, epoch), topo)
         checkpointer.save(step, state, meta)
+        saved.update(step=step, at=time.time())
         acc_text = ("student " + _format_accuracies(accs, eval_sets)
                     + f" (best {meta['best_student_accuracy']:.2f}% at epoch {meta['best_epoch']}),"
                     f" teacher {teacher_accs['test']:.2f}%; ") if acc is not None else ""

@@ -7,7 +7,8 @@ Each run is `cpsc-train` in a subprocess started through a small launcher (below
 its own process at the planned point: `iteration:N` (before the N-th iteration of that process),
 `metrics:N` (half-way through writing the N-th metrics line), `commit:N` (during the N-th orbax
 commit, after the data and before the rename that makes it visible) and `student` (during the
-commit of the final student).
+commit of the final student); `sigterm:N` sends SIGTERM instead, which must save the current
+iteration (not the last epoch's) and exit 143.
 """
 import json
 import os
@@ -29,14 +30,17 @@ kind, _, n = plan.partition(":")
 n = int(n or 0)
 count = {"iteration": 0, "metrics": 0, "commit": 0}
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-if kind == "iteration":
+if kind in ("iteration", "sigterm"):
     from cpsc_jax import runtime
     original = runtime.stop_if_requested
-    def stop_if_requested():
+    def stop_if_requested(*args, **kwargs):
         count["iteration"] += 1
         if count["iteration"] == n:
-            die()
-        original()
+            if kind == "sigterm":   # what a cluster scheduler sends before it kills
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                die()
+        original(*args, **kwargs)
     runtime.stop_if_requested = stop_if_requested
 if kind == "metrics":
     from cpsc_jax import metrics
@@ -139,3 +143,33 @@ def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path, digits_teach
     assert rb["elapsed_s"] > ra["elapsed_s"] * 0.5   # killed invocations' time is counted too
     assert not [p for p in (workdir / "checkpoints").iterdir()
                 if ".orbax-checkpoint-tmp" in p.name], "torn checkpoint left behind"
+
+
+def test_sigterm_mid_epoch_saves_that_iteration_and_resumes_bit_identically(tmp_path,
+                                                                         digits_teacher):
+    """SIGTERM (a preemption notice) mid epoch: the run saves the iteration it is at, exits 143,
+    and the re-run continues from there; with a replay memory in the state, mixup and a
+    re-initialised generator, the end equals an uninterrupted run."""
+    extra = ["--config.student_data=fresh+replay", "--config.replay_size=64",
+             "--config.student_augment.mixup=1.0", "--config.generator_reinit_every=1"]
+    global ARGS
+    saved_args, ARGS = ARGS, ARGS + extra
+    try:
+        reference = _start(tmp_path / "ref", digits_teacher)
+        workdir = tmp_path / "preempted"
+        r = _launch(workdir, digits_teacher, "sigterm:6")   # iteration 6 of 12: mid epoch 2
+        assert r.returncode == 143, (r.returncode, r.stderr[-3000:])
+        assert "SIGTERM" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert "saved iteration 5 of 12" in r.stdout, r.stdout[-2000:]
+        assert 5 in ckpt_lib.RunCheckpointer(str(workdir / "checkpoints")).all_steps()
+        done = _launch(workdir, digits_teacher)
+        ref = _finish(reference)
+    finally:
+        ARGS = saved_args
+    assert done.returncode == 0 and ref.returncode == 0, done.stderr[-3000:] + ref.stderr[-3000:]
+    assert "resuming from iteration 5" in done.stdout
+    _, a = ckpt_lib.load_model(str(tmp_path / "ref" / "student"))
+    _, b = ckpt_lib.load_model(str(workdir / "student"))
+    assert np.array_equal(_flat(a), _flat(b)), "the resumed student differs"
+    read = lambda d: [json.loads(l) for l in open(d / "metrics.jsonl")]
+    assert _without_timing(read(tmp_path / "ref")) == _without_timing(read(workdir))

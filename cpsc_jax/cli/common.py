@@ -16,7 +16,7 @@ from absl import flags, logging
 
 from cpsc_jax.errors import UserError
 
-EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull", "-helpfull")
 
 
@@ -92,9 +92,10 @@ class _Interrupts:
     def __call__(self, signum, frame):
         if self._runtime.stop_requested():
             raise KeyboardInterrupt
-        self._runtime.request_stop()
-        print("\nstopping at the next step (Ctrl-C again to stop at once) ...", file=sys.stderr,
-              flush=True)
+        self._runtime.request_stop(signum)
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        print(f"\n{name}: saving the current state and stopping after this step (Ctrl-C again "
+              "to stop at once) ...", file=sys.stderr, flush=True)
 
 
 def new_flags() -> flags.FlagValues:
@@ -152,6 +153,7 @@ def main(define: Callable[[flags.FlagValues], None],
         _fail(f"missing {', '.join(missing)} (see --help)")
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
     previous = signal.signal(signal.SIGINT, _Interrupts())
+    previous_term = signal.signal(signal.SIGTERM, _Interrupts())
     try:
         if "coordinator_address" in F:
             start_distributed(F)
@@ -166,9 +168,10 @@ def main(define: Callable[[flags.FlagValues], None],
         hint = (f"; the checkpoints in {where} are intact: re-run the same command to resume"
                 if where else "")
         print(f"interrupted{hint}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(EXIT_TERMINATED if runtime.stop_signal() == signal.SIGTERM else EXIT_INTERRUPTED)
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
     sys.exit(code or 0)
 
 

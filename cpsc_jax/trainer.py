@@ -229,13 +229,26 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
                 and time.time() - saved["at"] >= 60 * config.checkpoint_every_minutes):
             save_now()
         runtime.stop_if_requested(on_stop=lambda: save_now(stopping=True))
+        if step == start:
+            say(f"compiling the iteration ({config.g_steps} generator + {config.s_steps} student "
+                f"steps of batch {config.batch_size}; XLA compiles once per run) ...")
+            t_first = time.time()
         state, metrics = iteration(state, teacher_vars, ids)
         step += 1
         if step == start + 1:
+            jax.block_until_ready(metrics)
+            say(f"compiled and ran the first iteration in {format_duration(time.time() - t_first)}")
             progress.mark(step)   # rate and ETA exclude compilation
+        if step == start + LONG_RUN_CHECK_AFTER + 1 and step < total:
+            jax.block_until_ready(metrics)
+            _warn_if_long(config, progress, step, total, say)
         profiler.after_iteration(step, state)
         epoch_end = step % config.epoch_itrs == 0
-        if runtime.is_time(step, config.log_every) or epoch_end:
+        logged = runtime.is_time(step, config.log_every) or epoch_end
+        if step == start + 2 and not logged:
+            jax.block_until_ready(metrics)
+            progress.line(step, "first timed iteration")   # an ETA at once, not after log_every
+        if logged:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             runtime.check_finite(m, f"at iteration {step}",
                                  _divergence_advice(checkpointer, workdir, teacher))
@@ -358,6 +371,21 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
     else:
         say(f"done in {format_duration(elapsed_total)} (no evaluation data) -> {workdir}/{RESULTS}")
     return results
+
+
+# A run longer than this at the pace of its first iterations is said to be one, once.
+LONG_RUN_S = 3 * 3600
+LONG_RUN_CHECK_AFTER = 3
+
+
+def _warn_if_long(config, progress, step, total, say) -> None:
+    per_iteration = (time.time() - progress.t0) / max(step - progress.i0, 1)
+    estimate = per_iteration * (total - step)
+    if estimate > LONG_RUN_S:
+        say(f"note: at this machine's pace ({per_iteration:.2f} s per iteration, measured over "
+            f"the first {step - progress.i0}) this run needs about {format_duration(estimate)} "
+            "more: a recipe sized for GPUs. On a CPU use a CPU-sized config: digits, mnist, "
+            "cifar10_cpu.")
 
 
 def _save_student(path, config, teacher, mean, std, variables, extra):

@@ -254,3 +254,18 @@ def test_a_collapsed_student_is_reported_in_the_log_metrics_and_results(tmp_path
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     flags = [r["collapse/collapsed"] for r in records if "collapse/collapsed" in r]
     assert flags and flags[-1] == 1.0
+
+
+def test_a_run_says_it_compiles_and_warns_once_when_it_would_take_hours(tmp_path, monkeypatch,
+                                                                        digits_teacher_model):
+    from cpsc_jax import trainer
+    monkeypatch.setattr(trainer, "LONG_RUN_S", 0.0)   # any remaining time counts as long
+    config = tiny_digits_config()
+    config.epochs, config.epoch_itrs, config.log_every = 3, 2, 100
+    lines = []
+    train_and_evaluate(config, str(tmp_path / "run"), digits_teacher_model, log=lines.append)
+    text = "\n".join(lines)
+    assert lines.index(next(l for l in lines if l.startswith("compiling the iteration"))) < \
+        lines.index(next(l for l in lines if l.startswith("compiled and ran the first iteration")))
+    assert sum("a recipe sized for GPUs" in l for l in lines) == 1, text
+    assert "cifar10_cpu" in text

@@ -101,6 +101,14 @@ def load_split(data_config, split: str) -> Split:
         from cpsc_jax.data.tfds_source import load_tfds
         tfds_dir = _get(data_config, "tfds_dir", "") or None
         return _conform(load_tfds(name, split, tfds_dir), info, f"TFDS {info.tfds_name}:{split}")
+    if directory.endswith(".npz") and os.path.isfile(abspath(directory)):
+        # One labelled file (e.g. test_batch_first1017.npz): distillation reads no training
+        # images, so it serves as the test split of a data-free run.
+        if split != "test":
+            raise DataError(f"data.dir {directory} is a single .npz file: it can serve as the "
+                            f"test split only, not {split!r}; give a folder for training data")
+        return _conform(load_npz(abspath(directory), f"{name}/test", info.num_classes), info,
+                        abspath(directory))
     npz = os.path.join(abspath(directory), f"{split}.npz")
     if os.path.isfile(npz):
         if protocol == "holdout":

@@ -6,11 +6,16 @@ loaded from a model checkpoint (`load_teacher`: converted from PyTorch, trained 
 or apply function through `Teacher.from_flax` (see `cpsc_jax.flax_wrap`).
 """
 import dataclasses
+import hashlib
+import json
+import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
+import numpy as np
 
 from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax.errors import UserError
 from cpsc_jax.models import get_model
 
 
@@ -76,6 +81,20 @@ class Teacher:
     def has_batchnorm(self) -> bool:
         return bool(jax.tree.leaves(self.variables.get("batch_stats", {})))
 
+    def identity(self) -> Dict[str, Any]:
+        """What makes this teacher itself: its network, input and a SHA-256 of its variables
+        (names, shapes, dtypes and values), so a run can refuse to resume with another."""
+        h = hashlib.sha256()
+        leaves = jax.tree_util.tree_flatten_with_path(self.variables)[0]
+        for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+            value = np.ascontiguousarray(np.asarray(leaf))
+            h.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|".encode())
+            h.update(value.tobytes())
+        return {"name": self.name, "num_classes": self.num_classes,
+                "input": [self.image_size, self.image_size, self.channels],
+                "mean": list(self.mean), "std": list(self.std), "sha256": h.hexdigest(),
+                "path": self.path}
+
     def spec(self) -> ckpt_lib.ModelSpec:
         return ckpt_lib.ModelSpec(self.arch or "custom", self.num_classes, self.image_size,
                                   self.channels, self.mean, self.std)
@@ -123,3 +142,40 @@ def resolve_teacher(config, workdir: str, log: Callable[[str], None] = print) ->
     from cpsc_jax.teacher_training import train_teacher
     log(f"no teacher checkpoint at {path}: training {config.teacher.training.arch} first")
     return load_teacher(train_teacher(config.teacher.training, workdir, log=log))
+
+
+TEACHER_RECORD = "teacher.json"
+
+
+class TeacherChanged(UserError, ValueError):
+    """A run directory is resumed with a teacher other than the one it was distilled from."""
+
+
+def check_teacher_identity(workdir: str, teacher: Teacher, resuming: bool,
+                           write: bool = True) -> None:
+    """Records the teacher's identity in WORKDIR/teacher.json; on resume, a different teacher
+    (other variables, network or input) is refused: the run would go on distilling from it."""
+    path = os.path.join(workdir, TEACHER_RECORD)
+    now = teacher.identity()
+    if resuming and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                before = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            before = None   # torn by a crash during the first write: rewritten below
+        if before is not None:
+            changed = [k for k in ("sha256", "name", "num_classes", "input", "mean", "std")
+                       if before.get(k) != now[k]]
+            if changed:
+                raise TeacherChanged(
+                    f"{workdir} was distilled from another teacher ({before.get('name')} "
+                    f"{before.get('path') or 'given in memory'}, sha256 "
+                    f"{str(before.get('sha256'))[:12]}) than this one ({now['name']} "
+                    f"{now['path'] or 'given in memory'}, sha256 {now['sha256'][:12]}; "
+                    f"differs in {', '.join(changed)}): use a fresh workdir, or the original "
+                    "teacher to resume")
+    if write:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(now, f, indent=1)
+        os.replace(tmp, path)

@@ -36,7 +36,7 @@ from cpsc_jax.evaluation import accuracy
 from cpsc_jax.metrics import (JsonlWriter, ProfileWindow, Progress, format_duration,
                               learning_rates, summary_writer)
 from cpsc_jax.models import get_model
-from cpsc_jax.teacher import Teacher
+from cpsc_jax.teacher import Teacher, check_teacher_identity
 
 # Changing these on resume only warns; `epochs` may grow (the cosine schedule then stretches).
 HARMLESS = ("log_every", "checkpoint_every_minutes", "eval_batch_size", "sample_columns", "log_conditioning",
@@ -121,6 +121,8 @@ def train_and_evaluate(config, workdir: str, teacher: Teacher, log: Callable = p
             latest = checkpointer.latest_step()
             runtime.check_run_config(workdir, config, HARMLESS, EXTENDABLE,
                                      resuming=latest is not None, write=topo.is_writer, log=say)
+            check_teacher_identity(workdir, teacher, resuming=latest is not None,
+                                   write=topo.is_writer)
             done = _finished_results(workdir, total) if latest == total else None
             if done is not None:
                 say(f"{workdir} holds a finished run ({total} iterations): student "

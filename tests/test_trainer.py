@@ -269,3 +269,25 @@ def test_a_run_says_it_compiles_and_warns_once_when_it_would_take_hours(tmp_path
         lines.index(next(l for l in lines if l.startswith("compiled and ran the first iteration")))
     assert sum("a recipe sized for GPUs" in l for l in lines) == 1, text
     assert "cifar10_cpu" in text
+
+
+def test_resuming_or_reopening_a_run_with_another_teacher_is_refused(tmp_path,
+                                                                     digits_teacher_model):
+    import dataclasses
+
+    import jax
+
+    from cpsc_jax.teacher import TeacherChanged
+    config = tiny_digits_config()
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(config, workdir, digits_teacher_model, log=quiet, stop_after_epochs=1)
+    other = dataclasses.replace(digits_teacher_model, variables=jax.tree.map(
+        lambda v: v * 1.001, digits_teacher_model.variables))
+    assert other.identity()["sha256"] != digits_teacher_model.identity()["sha256"]
+    with pytest.raises(TeacherChanged, match="another teacher.*use a fresh workdir"):
+        train_and_evaluate(config, workdir, other, log=quiet)
+    # The same teacher resumes, finishes, and the finished run refuses the other one too.
+    results = train_and_evaluate(config, workdir, digits_teacher_model, log=quiet)
+    assert results["iterations"] == config.epochs * config.epoch_itrs
+    with pytest.raises(TeacherChanged):
+        train_and_evaluate(config, workdir, other, log=quiet)

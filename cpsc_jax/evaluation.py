@@ -72,14 +72,22 @@ def accuracy_report(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test",
                         dataset: Optional[str] = None, protocol: str = "standard",
-                        tfds_dir: str = "", batch_size: int = 500) -> Dict[str, Any]:
+                        tfds_dir: str = "", batch_size: int = 500,
+                        resize: bool = False) -> Dict[str, Any]:
     """Accuracy of a model checkpoint on a labelled set given by location (see
-    `data.load_path`), resized to the checkpoint's image size when the set's differs (e.g.
-    28x28 MNIST for a 32x32 LeNet)."""
+    `data.load_path`). Images of another size than the checkpoint's input are refused unless
+    `resize` (bilinear, e.g. 28x28 MNIST .npz for a 32x32 LeNet): an 8x8 digits model scored
+    on 32x32 MNIST measures the resizing, not the model."""
     spec, variables = ckpt_lib.load_model(checkpoint)
     s = data_lib.load_path(data, split=split, dataset=dataset, protocol=protocol,
                            tfds_dir=tfds_dir, num_classes=spec.num_classes)
     resized_from = None
+    if s.images.shape[1:3] != (spec.image_size, spec.image_size) and not resize:
+        h, w = s.images.shape[1:3]
+        raise data_lib.DataError(
+            f"{data}: images are {h}x{w}, the checkpoint's {spec.arch} takes "
+            f"{spec.image_size}x{spec.image_size}: evaluate it on data of its own size, or pass "
+            "--resize to resize them (bilinear)")
     if s.images.shape[1:3] != (spec.image_size, spec.image_size):
         resized_from = list(s.images.shape[1:3])
         s = data_lib.Split(data_lib.resize_uint8(s.images, spec.image_size), s.labels,

@@ -296,6 +296,7 @@ def test_diverging_teacher_says_so_and_saves_nothing(tmp_path, capsys):
 # ----------------------------------------------------------------------------- other tools
 
 def test_evaluate_bad_inputs(tmp_path, capsys, bad_files, digits_teacher):
+    np.savez(tmp_path / "mnist_like.npz", data=np.zeros((3, 32, 32), np.uint8), labels=[0, 1, 2])
     code, out, err = run_cli("evaluate", ["--checkpoint", digits_teacher, "--data", "digits"],
                              capsys)
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["num_examples"] == 359
@@ -305,7 +306,9 @@ def test_evaluate_bad_inputs(tmp_path, capsys, bad_files, digits_teacher):
             (["--checkpoint", bad_files / "teacher_torn_json", "--data", "digits"],
              ["teacher_torn_json/model.json is not valid JSON"]),
             (["--checkpoint", digits_teacher, "--data", bad_files / "normalised" / "test.npz"],
-             ["look already normalised"])):
+             ["look already normalised"]),
+            (["--checkpoint", digits_teacher, "--data", tmp_path / "mnist_like.npz"],
+             ["images are 32x32", "takes 8x8", "--resize"])):
         code, _, err = run_cli("evaluate", args, capsys)
         assert_one_line_error(code, err, *words)
 

@@ -54,7 +54,10 @@ def test_evaluate_resizes_mnist_like_npz(grey_checkpoint, tmp_path):
     x28 = rng.randint(0, 256, (9, 28, 28)).astype(np.uint8)
     y = rng.randint(0, 10, 9)
     np.savez(tmp_path / "m.npz", data=x28, labels=y)
-    report = ev.evaluate_checkpoint(grey_checkpoint, str(tmp_path / "m.npz"), batch_size=4)
+    with pytest.raises(data_lib.DataError, match="28x28.*takes 32x32.*--resize"):
+        ev.evaluate_checkpoint(grey_checkpoint, str(tmp_path / "m.npz"))
+    report = ev.evaluate_checkpoint(grey_checkpoint, str(tmp_path / "m.npz"), batch_size=4,
+                                    resize=True)
     assert report["resized_from"] == [28, 28] and report["num_examples"] == 9
     spec, variables = ckpt_lib.load_model(grey_checkpoint)
     preds = ev.predict_labels(spec.build(), variables,
@@ -92,7 +95,7 @@ def test_evaluate_script_last_line_is_json(grey_checkpoint, tmp_path):
              labels=[0, 1, 2, 3, 3])
     script = str(REPO / "scripts" / "evaluate.py")
     r = subprocess.run([sys.executable, script, "--checkpoint", grey_checkpoint,
-                        "--data", str(tmp_path / "m.npz")],
+                        "--data", str(tmp_path / "m.npz"), "--resize"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

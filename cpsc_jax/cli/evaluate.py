@@ -7,8 +7,8 @@
 
 --data: a dataset folder in its official layout (detected; --dataset to name it), a single
 file (.npz with data/labels, a CIFAR pickle batch such as data_batch_5, an SVHN .mat), or a
-TFDS spec NAME:SPLIT. Images are normalised with the checkpoint's own mean/std and resized
-(PIL bilinear) to its image size when they differ (28x28 MNIST for a 32x32 LeNet). Prints the
+TFDS spec NAME:SPLIT. Images are normalised with the checkpoint's own mean/std; images of another
+size are refused unless --resize (PIL bilinear: 28x28 MNIST .npz for a 32x32 LeNet). Prints the
 accuracy and the per-class accuracy; the last line is one JSON object (accuracy, num_examples,
 per_class_accuracy, ...).
 """
@@ -36,11 +36,15 @@ def main(argv=None) -> int:
                    help="holdout: a cifar10 folder's test split is data_batch_5")
     p.add_argument("--tfds-dir", default="", help="TFDS data directory for NAME:SPLIT")
     p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--resize", action="store_true",
+                   help="resize images of another size to the checkpoint's (bilinear); without "
+                        "it such data is refused")
     args = p.parse_args(argv)
     try:
         report = evaluate_checkpoint(args.checkpoint, args.data, split=args.split,
                                      dataset=args.dataset, protocol=args.protocol,
-                                     tfds_dir=args.tfds_dir, batch_size=args.batch_size)
+                                     tfds_dir=args.tfds_dir, batch_size=args.batch_size,
+                                     resize=args.resize)
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

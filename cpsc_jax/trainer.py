@@ -28,7 +28,7 @@ import numpy as np
 
 from cpsc_jax import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
-from cpsc_jax import collapse, faithfulness
+from cpsc_jax import collapse, faithfulness, plots
 from cpsc_jax import images as images_lib
 from cpsc_jax import runtime, steps
 from cpsc_jax.config_validation import validate_config, validate_teacher
@@ -184,6 +184,11 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
                          enabled=topo.is_writer)
     tb = outputs.enter_context(summary_writer(os.path.join(workdir, "tensorboard"),
                                               resume_step=latest, enabled=topo.is_writer))
+    if topo.is_writer and latest is None:
+        missing = ([f"no tensorboard/ is written: {tb.reason}"] if not tb.enabled else []) + (
+            [] if plots.available() else ["no plots/ are drawn (pip install matplotlib)"])
+        if missing:
+            say("note: " + "; ".join(missing))
     if latest is None:
         tb.write_hparams(config)
         tb.write(0, {f"teacher_accuracy/{k}": v for k, v in teacher_accs.items()})
@@ -299,6 +304,9 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
             grid = save_samples(os.path.join(workdir, "samples", f"epoch_{epoch:04d}.png"),
                                 generated, probe, predicted, config, mean, std)
             tb.write_image(step, "samples", grid)
+            if plots.available():
+                plots.run_curves(meta["history"], os.path.join(workdir, "plots", "curves.png"),
+                                 f"{config.student.arch} from {teacher.name}")
         # The record goes first: a kill before the checkpoint below only repeats this epoch.
         record = {"epoch": epoch, "student_accuracy": acc,
                   "best_student_accuracy": meta["best_student_accuracy"],

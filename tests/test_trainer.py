@@ -229,7 +229,8 @@ def test_train_and_evaluate_in_process(tmp_path, digits_teacher_model):
                                             "real_diversity", "per_class_agreement"}
     assert len(results["faithfulness"]["per_class_agreement"]) == config.num_classes
     for name in ("config.json", "metrics.jsonl", "results.json", "student/model.json",
-                 "student_best/model.json", "samples/epoch_0002.png"):
+                 "student_best/model.json", "samples/epoch_0002.png", "plots/curves.png",
+                 "teacher.json"):
         assert (workdir / name).exists(), name
     assert json.loads((workdir / "config.json").read_text())["batch_size"] == config.batch_size
     spec, variables = ckpt_lib.load_model(str(workdir / "student"))

@@ -129,7 +129,7 @@ def teacher_config(dataset: str, arch: str = "", **overrides) -> ml_collections.
     (global), epochs, lr, momentum, weight_decay, crop_padding (random crop after zero
     padding; 0: none), flip, seed, eval_every (epochs), eval_batch_size, steps_per_call (train
     steps per device call; 0: auto), log_every_s, checkpoint_min_interval_s (tiny runs do not
-    save after every epoch).
+    save after every epoch), checkpoint_every_minutes (mid-epoch saves; 0: none).
     """
     info = dataset_info(dataset)
     recipe = TEACHER_RECIPES[dataset]
@@ -150,6 +150,7 @@ def teacher_config(dataset: str, arch: str = "", **overrides) -> ml_collections.
     c.steps_per_call = 0
     c.log_every_s = 30.0
     c.checkpoint_min_interval_s = 10.0
+    c.checkpoint_every_minutes = 0.0   # also save mid-epoch this often (0: never)
     for k, v in overrides.items():
         c[k] = v
     return c

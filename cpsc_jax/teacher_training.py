@@ -42,7 +42,7 @@ MODEL_DIR = "teacher"
 CONFIG_FILE = "teacher_config.json"
 # Changing these on resume only warns; `epochs` may grow (the cosine then stretches).
 HARMLESS = ("log_every_s", "eval_every", "eval_batch_size", "steps_per_call",
-            "checkpoint_min_interval_s", "data.dir", "data.tfds_dir", "data.extra_eval")
+            "checkpoint_min_interval_s", "checkpoint_every_minutes", "data.dir", "data.tfds_dir", "data.extra_eval")
 EXTENDABLE = ("epochs",)
 
 
@@ -181,15 +181,19 @@ def _train(config, workdir, out, topo, say) -> str:
     latest = checkpointer.latest_step()
     runtime.check_run_config(workdir, config, HARMLESS, EXTENDABLE, resuming=latest is not None,
                              write=topo.is_writer, log=say, name=CONFIG_FILE)
-    start_epoch = 0
+    start_epoch, start_chunk, partial = 0, 0, {"loss_sum": 0.0, "correct": 0, "count": 0}
     if latest is not None:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype),
                                 _state_tree(state))
         restored, meta, latest = checkpointer.restore_latest_intact(abstract, log=say)
         state = state.replace(**restored)
         start_epoch = int(meta["epoch"])
-        say(f"teacher: resuming {spec.arch} on {name} after epoch {start_epoch}/{epochs} "
-            f"(step {int(state.step)})")
+        start_chunk = int(meta.get("chunk", 0))   # > 0: saved mid-epoch (a stop, or the clock)
+        partial.update(meta.get("partial", {}))
+        where = (f"at step {int(state.step)} (epoch {start_epoch + 1}, {start_chunk * k} of "
+                 f"{steps_per_epoch} steps done)" if start_chunk else
+                 f"after epoch {start_epoch}/{epochs} (step {int(state.step)})")
+        say(f"teacher: resuming {spec.arch} on {name} {where}")
     writer = JsonlWriter(metrics_path, resume_step=start_epoch if latest is not None else None,
                          enabled=topo.is_writer, step_key="epoch")
     elapsed = runtime.Elapsed(workdir, fresh=latest is None, enabled=topo.is_writer)
@@ -216,11 +220,17 @@ def _train(config, workdir, out, topo, say) -> str:
         return {k_: accuracy(eval_model, variables, s, mean, std, int(config.eval_batch_size))
                 for k_, s in evals.items()}
 
+    every_s = 60.0 * float(config.checkpoint_every_minutes)
     for epoch in range(start_epoch + 1, epochs + 1):
         epoch_start = time.time()
         idx, valid = epoch_indices(seed, epoch, len(train), steps_per_epoch, batch_size, k, topo)
         chunks = len(valid) // k
         pending, loss_sum, correct, count = [], 0.0, 0, 0
+        first_chunk = 0
+        if epoch == start_epoch + 1 and start_chunk:
+            first_chunk = start_chunk
+            loss_sum, correct, count = (float(partial["loss_sum"]), int(partial["correct"]),
+                                        int(partial["count"]))
 
         def drain():
             nonlocal pending, loss_sum, correct, count
@@ -230,8 +240,28 @@ def _train(config, workdir, out, topo, say) -> str:
                 count += int(sums["count"])
             pending = []
 
-        for c in range(chunks):
-            runtime.stop_if_requested()
+        def save_within(c, stopping=False):
+            # The state after c chunks of this epoch, with the epoch's running sums: a re-run
+            # goes on from there bit-identically (the same batches, the same keys).
+            nonlocal last_save
+            drain()
+            if c > 0 and jax.process_count() == 1:
+                checkpointer.save(int(jax.device_get(state.step)), _state_tree(state),
+                                  {"epoch": epoch - 1, "chunk": c, "partial": {
+                                      "loss_sum": loss_sum, "correct": correct, "count": count}})
+                last_save = time.time()
+                if stopping:
+                    say(f"teacher: saved step {int(jax.device_get(state.step))} (epoch {epoch}, "
+                        f"{min(c * k, steps_per_epoch)} of {steps_per_epoch} steps) to {state_dir}")
+            elif stopping:
+                say(f"teacher: nothing new to save; {state_dir} holds "
+                    + (f"step {checkpointer.latest_step()}" if checkpointer.latest_step() is not None
+                       else "no checkpoint yet"))
+
+        for c in range(first_chunk, chunks):
+            if every_s and time.time() - last_save >= every_s and c > first_chunk:
+                save_within(c)
+            runtime.stop_if_requested(on_stop=lambda: save_within(c, stopping=True))
             sl = slice(c * k, (c + 1) * k)
             state, sums = train_steps(state, valid[sl], key, images_dev, labels_dev, idx[:, sl])
             pending.append(sums)
@@ -270,7 +300,8 @@ def _train(config, workdir, out, topo, say) -> str:
                                              / max(epoch_time, 1e-9), 1)})
         writer.write(epoch, record)   # before the checkpoint: a kill in between only repeats it
         if epoch == epochs or time.time() - last_save >= min_save_s:
-            checkpointer.save(epoch, _state_tree(state), {"epoch": epoch, "record": record})
+            checkpointer.save(int(jax.device_get(state.step)), _state_tree(state),
+                              {"epoch": epoch, "record": record})
             last_save = time.time()
         now = time.time()
         if now - last_epoch_log >= log_every_s or epoch == epochs or epoch == start_epoch + 1:

@@ -378,11 +378,15 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, digits_teacher):
             proc.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert "re-run the same command to resume" in err.strip().splitlines()[-1]
+    assert "re-run the same command to continue" in err.strip().splitlines()[-1]
+    saved = [l for l in out.splitlines() if l.startswith("saved iteration")]
+    assert len(saved) == 1, out[-2000:]
+    at = int(saved[0].split()[2])   # the iteration it was at (mid epoch 2, or 20 if that quick)
+    assert at >= 20 and (workdir / "checkpoints" / str(at)).is_dir()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path),
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "resuming from iteration" in r.stdout
+    assert f"resuming from iteration {at}" in r.stdout
     assert json.loads((workdir / "results.json").read_text())["iterations"] == 60
 
 

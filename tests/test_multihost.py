@@ -84,13 +84,15 @@ def _run(module, args, processes, devices, cwd):
     return results
 
 
-def _run_until_checkpoint(module, args, processes, devices, cwd, state_dir, step: int):
-    """Starts the processes and SIGKILLs them all once checkpoint `step` is in `state_dir`."""
+def _run_until_checkpoint(module, args, processes, devices, cwd, state_dir, step=None):
+    """Starts the processes and SIGKILLs them all once checkpoint `step` (None: any) is in
+    `state_dir`."""
     procs = _launch(module, args, processes, devices, cwd)
-    target = os.path.join(state_dir, str(step))
+    saved = lambda: (os.path.isdir(os.path.join(state_dir, str(step))) if step is not None else
+                     os.path.isdir(state_dir) and any(n.isdigit() for n in os.listdir(state_dir)))
     try:
         deadline = time.time() + TIMEOUT_S
-        while not os.path.isdir(target):
+        while not saved():
             assert time.time() < deadline, "no checkpoint in time"
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
             time.sleep(0.2)
@@ -153,7 +155,7 @@ def test_teacher_training_over_processes_equals_one_process(tmp_path):
     _run("cpsc_jax.cli.train_teacher", TEACH + [f"--workdir={single}"], 1, 2, tmp_path)
     margs = TEACH + [f"--workdir={multi}"]
     _run_until_checkpoint("cpsc_jax.cli.train_teacher", margs, 2, 1, tmp_path,
-                          str(multi / "teacher_state"), 1)
+                          str(multi / "teacher_state"))   # steps, after epoch 1
     results = _run("cpsc_jax.cli.train_teacher", margs, 2, 1, tmp_path)
     assert "resuming" in results[0][1] and _own_lines(results[1][1]) == []
     _, a = ckpt_lib.load_model(str(single / "teacher"))

@@ -219,3 +219,33 @@ def test_teacher_config_for_every_dataset(arg):
     assert c.arch in __import__("cpsc_jax.models", fromlist=["x"]).available_models()
     assert len(c.mean) == len(c.std) == info.channels
     assert (c.mean, c.std) == (info.mean, info.std)
+
+
+def test_a_stop_mid_epoch_saves_that_step_and_resumes_bit_identically(tmp_path):
+    """Ctrl-C / SIGTERM inside an epoch keeps the steps done (not the last epoch's end), with
+    the epoch's running sums, and the re-run ends where an uninterrupted run does."""
+    from cpsc_jax import runtime
+    cfg = digits_config(epochs=2, log_every_s=0.0, steps_per_call=1)
+    straight = tt.train_teacher(cfg, str(tmp_path / "a"), log=lambda *_: None)
+    _, reference = ckpt_lib.load_model(straight)
+    said = []
+
+    def stop_in_epoch_2(line):
+        said.append(line)
+        if "teacher epoch 2/2 step 7/" in line:
+            runtime.request_stop()
+
+    with pytest.raises(KeyboardInterrupt):
+        tt.train_teacher(cfg, str(tmp_path / "b"), log=stop_in_epoch_2)
+    saved = [l for l in said if "saved step" in l]
+    assert saved and "(epoch 2, 7 of" in saved[0], said[-3:]
+    resumed = []
+    path = tt.train_teacher(cfg, str(tmp_path / "b"), log=resumed.append)
+    assert any("resuming" in l and "7 of" in l for l in resumed), resumed
+    _, variables = ckpt_lib.load_model(path)
+    chex.assert_trees_all_equal(variables, reference)
+    records = [json.loads(l) for l in open(tmp_path / "b" / tt.METRICS_FILE)]
+    straight_records = [json.loads(l) for l in open(tmp_path / "a" / tt.METRICS_FILE)]
+    timing = ("epoch_time_s", "elapsed_s", "images_per_s")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+    assert strip(records) == strip(straight_records)

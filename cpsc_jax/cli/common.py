@@ -165,7 +165,7 @@ def main(define: Callable[[flags.FlagValues], None],
     except KeyboardInterrupt:
         from cpsc_jax import runtime
         where = workdir_hint(F)
-        hint = (f"; the checkpoints in {where} are intact: re-run the same command to resume"
+        hint = (f"; re-run the same command to continue from what {where} holds (said above)"
                 if where else "")
         print(f"interrupted{hint}", file=sys.stderr, flush=True)
         sys.exit(EXIT_TERMINATED if runtime.stop_signal() == signal.SIGTERM else EXIT_INTERRUPTED)

@@ -27,12 +27,19 @@ _EXPORTS = {
     "available_models": "cpsc_jax.models",
     "get_model": "cpsc_jax.models",
     "AXIS": "cpsc_jax.runtime",
+    "load_split": "cpsc_jax.data",
 }
+# public submodules, also loaded on first use (`cpsc_jax.data.load_split(...)`)
+_SUBMODULES = ("data",)
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"cpsc_jax.{name}")
+        globals()[name] = module
+        return module
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value   # once loaded, a plain attribute

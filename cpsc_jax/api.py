@@ -214,8 +214,9 @@ def distill(teacher, teacher_variables: Optional[Dict[str, Any]] = None, *,
             student="resnet18", config: Optional[ml_collections.ConfigDict] = None,
             eval_data=None, workdir: Optional[str] = None, student_name: Optional[str] = None,
             feature_layer: Optional[str] = None, train_arg: Optional[str] = "train",
-            log: Callable[[str], None] = print) -> Distilled:
+            log: Any = print) -> Distilled:
     """Distils `teacher` into a student without training data; returns a `Distilled`.
+    `log` receives every progress line (False or None: silent).
 
     teacher: a `flax.linen` classifier (called `teacher(x, train=False)`, see `train_arg`), an
       `apply_fn(variables, x)`, a `cpsc_jax.flax_wrap.FlaxClassifier` (for `feature_layer` or
@@ -286,7 +287,8 @@ def distill(teacher, teacher_variables: Optional[Dict[str, Any]] = None, *,
                 TEACHER_NAME, lambda k=None, axis_name=None, dtype=None: build(axis_name, dtype)))
         else:
             config.teacher.arch = teacher.arch
-        results = train_and_evaluate(config, workdir, teacher, log=log, eval_sets=eval_sets)
+        results = train_and_evaluate(config, workdir, teacher, log=log or (lambda *_: None),
+                                     eval_sets=eval_sets)
     _, variables = ckpt_lib.load_model(results["student_checkpoint"])
     return Distilled(module, variables, network, arch, tuple(teacher.mean), tuple(teacher.std),
                      results, config, workdir)

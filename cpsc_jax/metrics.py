@@ -6,7 +6,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 
 def _plain(value):
@@ -68,8 +68,10 @@ class Progress:
     """Iterations per second and ETA measured from the first iteration timed in this process
     (so compilation and a resumed run's earlier iterations do not distort them)."""
 
-    def __init__(self, total: int, start: int, stream=sys.stdout, enabled: bool = True):
+    def __init__(self, total: int, start: int, stream=sys.stdout, enabled: bool = True,
+                 emit: Optional[Callable[[str], None]] = None):
         self.total, self.start, self.stream, self.enabled = total, start, stream, enabled
+        self.emit = emit   # where lines go (default: printed to `stream`)
         self.t0: Optional[float] = None
         self.i0 = start
 
@@ -81,7 +83,9 @@ class Progress:
         rate = (step - self.i0) / max(time.time() - self.t0, 1e-9) if self.t0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         msg = f"[{step:>6d}/{self.total}] {text} | {rate:.1f} it/s, ETA {format_duration(eta)}"
-        if self.enabled:
+        if self.enabled and self.emit is not None:
+            self.emit(msg)
+        elif self.enabled:
             print(msg, file=self.stream, flush=True)
         return msg
 

@@ -213,7 +213,7 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
     profiler = outputs.enter_context(ProfileWindow(
         os.path.join(workdir, "profile"), config.get("profile_steps", 0), start_after=start + 1,
         enabled=topo.is_writer))
-    progress = Progress(total, start, enabled=topo.is_writer)
+    progress = Progress(total, start, enabled=topo.is_writer, emit=say)
     epochs_run, step = 0, start
     say(f"distilling {config.student.arch} from {teacher.name}: {total} iterations "
         f"({config.epochs} epochs x {config.epoch_itrs}), batch {config.batch_size} on "

@@ -187,12 +187,14 @@ def test_distill_stock_teacher_with_eval_data(stock_teacher, digits_test, tmp_pa
     assert os.path.isfile(tmp_path / "run" / "samples" / "epoch_0001.png")
 
 
-def test_distill_data_free_into_a_user_student_module(stock_teacher, tmp_path):
+def test_distill_data_free_into_a_user_student_module(stock_teacher, tmp_path, capsys):
     model, variables = stock_teacher
     student = StockCNN(width=4)
+    capsys.readouterr()
     out = cpsc_jax.distill(model, variables, num_classes=10, input_shape=SHAPE,
                            mean=DIGITS.mean, std=DIGITS.std, student=student,
-                           student_name="tiny_student", config=tiny_config(), log=quiet)
+                           student_name="tiny_student", config=tiny_config(), log=False)
+    assert capsys.readouterr().out == ""   # log=False: no progress line reaches stdout
     assert out.results["student_accuracy"] is None
     assert out.results["protocol"] == "none (data-free)"
     assert out.module is student and out.arch == "tiny_student"

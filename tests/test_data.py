@@ -445,3 +445,14 @@ def test_tfds_prepared_array_record_without_tensorflow(tmp_path):
     np.testing.assert_array_equal(s.images[order], resize_uint8(images["test"][..., None], 32))
     s2 = D.load_path("mnist:train[:3]", tfds_dir=str(tmp_path))
     assert len(s2) == 3
+
+
+def test_the_public_loader_takes_a_dataset_name():
+    import cpsc_jax
+    test = cpsc_jax.data.load_split("digits", "test")
+    assert test.images.dtype == np.uint8 and test.images.shape[1:] == (8, 8, 1)
+    assert len(test) == len(test.labels) == 359 and test.num_classes == 10
+    same = cpsc_jax.load_split({"name": "digits"}, "test")
+    np.testing.assert_array_equal(same.images, test.images)
+    with pytest.raises(Exception, match="data.dir"):
+        cpsc_jax.data.load_split("mnist", "test", dir="")   # no folder, no TFDS copy: says so

@@ -80,7 +80,17 @@ def check_protocol(name: str, protocol: str) -> None:
                         f"data_batch_1..4, test on data_batch_5), not {name!r}; use 'standard'")
 
 
-def load_split(data_config, split: str) -> Split:
+def load_split(data_config, split: str, dir: str = "") -> Split:
+    """A dataset's labelled split as uint8 NHWC images and int labels (`Split`).
+
+    `data_config` is a dataset name ("digits", "mnist", "cifar10", ...) with its files in `dir`
+    (the layouts in README; nothing is downloaded), or a run config's `data` block.
+
+        test = cpsc_jax.data.load_split("digits", "test")
+        test = cpsc_jax.data.load_split("mnist", "test", dir="/path/to/mnist")
+    """
+    if isinstance(data_config, str):
+        data_config = {"name": data_config, "dir": dir}
     name = _get(data_config, "name")
     info = dataset_info(name)
     if split not in ("train", "test"):

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 from absl import flags, logging
@@ -98,6 +99,16 @@ class _Interrupts:
               "to stop at once) ...", file=sys.stderr, flush=True)
 
 
+# ml_collections loads config files with importlib's load_module(): its deprecation is a note
+# to that library's authors, not to a user of these commands.
+LIBRARY_WARNINGS = (r"the load_module\(\) method is deprecated",)
+
+
+def quiet_library_warnings() -> None:
+    for message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+
+
 def new_flags() -> flags.FlagValues:
     """A command's own flag set (commands can then run one after another in one process)."""
     return flags.FlagValues()
@@ -117,6 +128,7 @@ def main(define: Callable[[flags.FlagValues], None],
     """Defines a command's flags on a fresh flag set (so commands can run one after another in
     one process), parses argv (one-line errors), then `sys.exit(run(F, remaining_argv))`."""
     argv = list(sys.argv if argv is None else argv)
+    quiet_library_warnings()
     F = new_flags()
     define(F)
     if any(a in HELP_FLAGS for a in argv[1:]):

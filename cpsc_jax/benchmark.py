@@ -56,8 +56,8 @@ PEAK_FLOPS: Dict[str, Dict[str, float]] = {
 
 # XLA:CPU flags found to speed this workload up (jaxlib 0.10.2, x86 AVX-512; see the README's
 # Benchmark section). By default XLA:CPU hands each convolution to YNNPACK, whose weight-gradient
-# convolutions are 3-6x slower than XLA's own (Eigen) ones: one 3x3 128->128 conv on 256x16x16,
-# dW 729 -> 182 ms, forward 170 -> 141 ms. The project's data-parallel functions now compile
+# convolutions are several times slower than XLA's own (Eigen) ones (docs/RESULTS.md, "Figures
+# behind design choices"). The project's data-parallel functions now compile
 # with the same setting as a per-executable compiler option
 # (`cpsc_jax.models.conv.xla_cpu_conv_options`); the process-wide flag stays for older commands.
 # Opt-in only: XLA aborts on flags it does not know.
@@ -771,7 +771,7 @@ def compare_loop_forms(config, iters: int = 10, warmup: int = 2, seed: int = 0,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
         "xla_compiler_options": xla_compiler_options(compiler_options),
         "load_avg_start": load_start}
-    # The first compilation in a process pays a one-off cost (~8 s on a 2-core CPU): take it
+    # The first compilation in a process pays a one-off cost of seconds: take it
     # on a throwaway one-step iteration so that neither measured form is charged with it.
     warm = config.copy_and_resolve_references()
     warm.g_steps, warm.s_steps, warm.scan_unroll = 1, 1, 2

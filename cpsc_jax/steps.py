@@ -283,11 +283,11 @@ def scan_unroll(config) -> bool:
     """`config.scan_unroll`: 0 (auto) and 1 run the steps in a lax.scan, 2 traces them one
     after another.
 
-    lax.scan compiles one step body instead of G_steps + S_steps copies (released cifar10 config
-    on CPU: 14 s instead of 109 s) at about the same speed per iteration, now that the models'
-    convs emit standard-form gradients on CPU (`cpsc_jax.models.conv`; figures in
-    docs/RESULTS.md). Unrolled code is a few per cent faster per iteration for small networks
-    on CPU, which can pay off in long runs."""
+    lax.scan compiles one step body instead of G_steps + S_steps copies (several times faster
+    to compile) at about the same speed per iteration, now that the models' convs emit
+    standard-form gradients on CPU (`cpsc_jax.models.conv`). Unrolled code is slightly faster
+    per iteration for small networks on CPU, which can pay off in long runs (figures:
+    docs/RESULTS.md, "Figures behind design choices")."""
     if config.scan_unroll not in (0, 1, 2):
         raise ValueError(f"scan_unroll must be 0 (auto), 1 (scan) or 2 (unrolled), got {config.scan_unroll!r}")
     return config.scan_unroll == 2

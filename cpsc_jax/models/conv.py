@@ -3,8 +3,8 @@
 JAX's autodiff writes the gradients of an NHWC/HWIO convolution as convolutions in other
 layouts (input/output features swapped for dX, batch and features swapped for dW). Outside a loop
 XLA:CPU rewrites those into its standard `b01f_01io->b01f` form; inside a while-loop body (a
-`lax.scan`) it does not, and runs them on a slow generic path (jaxlib 0.10.2: one conv fwd+bwd
-332 ms straight-line, 30,840 ms in a scan body). `canonical_conv` has the same forward but a
+`lax.scan`) it does not, and runs them on a generic path about a hundred times slower
+(docs/RESULTS.md, "Figures behind design choices"). `canonical_conv` has the same forward but a
 custom VJP that builds both gradients as standard-form convolutions itself:
 
   * dX: the cotangent, dilated by the stride, convolved with the spatially flipped kernel whose
@@ -23,9 +23,8 @@ reverse-mode autodiff only (no `jax.jvp` through the models where it is used).
 
 Convolutions with very few input or output channels (a classifier's first conv on grey or
 colour images, a generator's last) are where XLA:CPU's convolution kernels fall furthest behind
-(jaxlib 0.10.2, batch 128, LeNet's 5x5 conv on 32x32x1: forward 3.6 ms, input gradient 16 ms,
-against 0.5 ms and ~5 ms for PyTorch's oneDNN). `canonical_conv` computes those from shifted
-windows instead:
+(several times slower than PyTorch's oneDNN on LeNet's first conv; docs/RESULTS.md).
+`canonical_conv` computes those from shifted windows instead:
 
   * one input channel: the forward is a sum over the kernel's kh*kw offsets of a window of the
     input times that offset's kernel row (elementwise, fused by XLA);
@@ -59,13 +58,12 @@ def _plain_conv(x, w, strides, padding, precision):
 
 
 # Up to this many input channels dX is computed by col2im (`_input_grad_col2im`), above it as a
-# transposed convolution. Measured on XLA:CPU (jaxlib 0.10.2, batch 128): 1, 3 and 6 input
-# channels 3-10x faster by col2im; 32 (a generator's 3x3 conv at 32x32) 4x slower.
+# transposed convolution: faster for a handful of input channels, slower for a generator's 32
+# (measured on XLA:CPU; docs/RESULTS.md, "Figures behind design choices").
 FEW_INPUT_CHANNELS = 8
 # Output-channel counts whose forward is one dot and a sum of windows
-# (`_few_output_channels_conv`): XLA:CPU's convolution, 3x3 on 32x32, 64 -> 3 channels at batch
-# 64: 13.4 -> 3.8 ms; 16 -> 3: 10.6 -> 7.2 ms; but 16 -> 1: 4.3 -> 5.7 ms and 32 -> 16 4x
-# slower, hence the bounds.
+# (`_few_output_channels_conv`): faster than XLA:CPU's convolution for 2-4 output channels,
+# slower for 1 or 16 (docs/RESULTS.md, "Figures behind design choices"), hence the bounds.
 FEW_OUTPUT_CHANNELS = (2, 4)
 
 
@@ -283,8 +281,8 @@ conv_general_dilated = _CONV_FUNCTIONS["auto"]   # today's default, for direct c
 # By default XLA:CPU (jaxlib 0.10.2) hands each convolution, each dot and reductions to YNNPACK
 # (`xla_cpu_experimental_ynn_fusion_type` = REDUCE, INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION, as
 # its optimised HLO shows). YNNPACK's weight-gradient convolutions are 3-6x slower than XLA's
-# own (Eigen) ones on this workload (cpsc_jax.benchmark.CPU_TUNED_XLA_FLAGS; docs/RESULTS.md:
-# generator fwd+bwd 2555 -> 1284 ms). The XLA_FLAGS spelling `-individual_convolution` removes
+# own (Eigen) ones on this workload (cpsc_jax.benchmark.CPU_TUNED_XLA_FLAGS; docs/RESULTS.md).
+# The XLA_FLAGS spelling `-individual_convolution` removes
 # convolutions from that list; a compiler option cannot say "minus" and sets the whole list,
 # so it names the rest (`_takes_convs_off_ynnpack` checks that it leaves everything else as
 # the default has it). As a compiler option it applies per executable, and a jaxlib that does

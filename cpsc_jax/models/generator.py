@@ -44,8 +44,8 @@ def _upsample_fwd(x, factor):
 def _upsample_bwd(factor, _, g):
     # The sum over each factor x factor block as adds of strided slices, not autodiff's
     # reduce: XLA:CPU fuses such a reduce with the convolution that produces g (the next conv's
-    # input gradient) into one YNNPACK call, far slower than the two apart (small-CIFAR
-    # generator step: 123 ms of 280; MNIST: 28 ms).
+    # input gradient) into one YNNPACK call, far slower than the two apart (docs/RESULTS.md,
+    # "Figures behind design choices").
     parts = [g[:, i::factor, j::factor] for i in range(factor) for j in range(factor)]
     return (functools.reduce(jnp.add, parts),)
 

@@ -243,8 +243,8 @@ def max_pool(x: jax.Array, size: int = 2) -> jax.Array:
     dropped, as PyTorch does): elementwise, so XLA fuses it with its producers and its gradient
     is a mask of the maxima, where `nn.max_pool` builds index arrays and a variadic
     reduce-window, and a reshape + max lets XLA:CPU hand the fused producers to a slow YNNPACK
-    reduction (LeNet-5's first pool, batch 128: forward + backward 3.9 ms, reshape 1.8, slices
-    1.5). Tied maxima share the gradient (PyTorch gives it to the first); after a ReLU ties
+    reduction (docs/RESULTS.md, "Figures behind design choices"). Tied maxima share the
+    gradient (PyTorch gives it to the first); after a ReLU ties
     are zeros, whose gradient the ReLU drops either way."""
     ho, wo = x.shape[1] // size, x.shape[2] // size
     x = x[:, :ho * size, :wo * size]

@@ -237,8 +237,8 @@ class ConditionalGenerator(nn.Module):
         # Flax reshapes the Dense output as NHWC; permute so both read the same units. The
         # permuted view has channels-last strides, which every later op would inherit: copy it
         # to the standard layout, so the network runs in the layout its weights were given
-        # (NCHW as released; leaked channels-last made the benchmark's baseline ~1.5x faster
-        # on a CPU, docs/RESULTS.md).
+        # (NCHW as released; leaked channels-last made the benchmark's baseline faster on a
+        # CPU, docs/RESULTS.md).
         h = self.l1(z).view(z.shape[0], self.init_size, self.init_size, 2 * self.ngf)
         h = self.bn0(h.permute(0, 3, 1, 2).contiguous(), y)
         for i in range(1, self.n + 1):

@@ -8,10 +8,9 @@ the released alpha=5 log-IKD lets the adversarial game run away (docs/method.md 
 from cpsc_jax.config_defaults import apply_preset, distillation_config, teacher_config
 
 
-def get_config(preset: str = "conditioned"):
-    # "conditioned": the teacher sees the requested class in 96% of the images, not 22%, at the
-    # same student accuracy (98.61 final, 3 seeds each; docs/conditioning.md). `digits:released`
-    # is the authors' iteration.
+def get_config(preset: str = "improved"):
+    # The presets and what each measured here: README's preset table and docs/RESULTS.md.
+    # `digits:released` is the authors' iteration.
     c = distillation_config("digits", teacher="small_cnn", student="small_cnn_half")
     c.teacher.train_if_missing = True   # WORKDIR/teacher is trained first when absent
     c.teacher.training = teacher_config("digits")

@@ -1,5 +1,6 @@
-"""The two presets every shipped distillation config takes (`--config NAME:released`,
-`NAME:conditioned`): what each promises, which one each config picks, and that both are valid.
+"""The presets every shipped distillation config takes (`--config NAME:released`,
+`NAME:conditioned`, `NAME:improved`): what each promises, which one each config picks, and that
+all are valid.
 
 tests/test_parity.py runs the released iteration with `load_config("cifar10", "released")`
 against the PyTorch mirror; here the preset's fields are held against spec §4 written out
@@ -50,21 +51,40 @@ def test_every_config_and_preset_is_valid(name, preset):
 
 @pytest.mark.parametrize("name", DISTILLATION_CONFIGS)
 def test_presets_differ_only_in_their_own_fields(name):
-    released, conditioned = load_config(name, "released"), load_config(name, "conditioned")
-    keys = set(PRESETS["released"]) | set(PRESETS["conditioned"])
-    for c in (released, conditioned):
+    configs = [load_config(name, p) for p in PRESETS]
+    keys = {k for p in PRESETS.values() for k in p if not k.startswith("=")}
+    for c in configs:
         for key in keys:
             parent, _, leaf = key.rpartition(".")
             del get_field(c, parent)[leaf]
-    assert released.to_dict() == conditioned.to_dict()
+    for c in configs[1:]:
+        assert c.to_dict() == configs[0].to_dict()
     # and "conditioned" is what makes the generator honour its label (docs/conditioning.md)
     c = load_config(name, "conditioned")
     assert (c.loss.ce_form, c.generator_optimizer) == ("plain", "persistent")
     assert c.loss.eta > 0
 
 
+@pytest.mark.parametrize("name", DISTILLATION_CONFIGS)
+def test_improved_is_conditioned_plus_the_student_phase_switches(name):
+    improved, conditioned = load_config(name, "improved"), load_config(name, "conditioned")
+    assert improved.student_grad_clip > 0 and improved.student_data == "fresh+replay"
+    for key in ("student_grad_clip", "student_data", "replay_size", "replay_batch"):
+        parent, _, leaf = key.rpartition(".")
+        del get_field(improved, parent)[leaf], get_field(conditioned, parent)[leaf]
+    assert improved.to_dict() == conditioned.to_dict()
+    released = load_config(name, "released")   # released pins every switch off
+    assert (released.student_grad_clip, released.student_data, released.generator_reinit_every,
+            released.student_augment.mixup) == (0.0, "fresh", 0, 0.0)
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist"])
+def test_digit_configs_default_to_improved(name):
+    assert load_config(name).to_dict() == load_config(name, "improved").to_dict()
+
+
 def test_unknown_preset_names_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown preset 'bogus'.*released, conditioned"):
+    with pytest.raises(ValueError, match="unknown preset 'bogus'.*released, conditioned, improved"):
         load_config("digits", "bogus")
 
 

@@ -10,7 +10,7 @@ from cpsc_jax.checkpoint import ModelSpec, init_variables
 
 
 def replay_config(**overrides):
-    c = tiny_digits_config()
+    c = tiny_digits_config("conditioned")
     c.student_data = "replay"
     c.replay_size = 3 * c.batch_size
     for k, v in overrides.items():
@@ -47,7 +47,7 @@ def test_sampling_draws_only_written_images_and_slices_a_global_draw():
 def test_default_size_is_one_epoch_of_generator_output():
     c = replay_config(replay_size=0)
     assert replay.memory_size(c) == c.epoch_itrs * c.g_steps * c.batch_size
-    assert replay.create(tiny_digits_config()) is None   # fresh images: no memory in the state
+    assert replay.create(tiny_digits_config("conditioned")) is None   # fresh images: no memory
 
 
 def _run(config, num_devices=1, n_iters=2):

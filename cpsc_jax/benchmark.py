@@ -629,13 +629,20 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
     `compiler_options` are added to the JAX executables' own."""
     torch_modes = [m for m in torch_modes if m != "none"]
     aug = config.student_augment
-    if torch_modes and (config.student_data != "fresh" or aug.crop_padding or aug.flip):
+    released_student = {"student_data": ("fresh", config.student_data),
+                        "student_augment.crop_padding": (0, aug.crop_padding),
+                        "student_augment.flip": (False, aug.flip),
+                        "student_augment.mixup": (0.0, aug.mixup),
+                        "student_grad_clip": (0.0, config.student_grad_clip),
+                        "loss.student_ikd_scale": (1.0, config.loss.student_ikd_scale)}
+    differ = {k: v for k, (want, v) in released_student.items() if v != want}
+    if torch_modes and differ:
         raise BaselineMismatch(
-            "the PyTorch baseline runs the released student phase (fresh images, no "
-            f"augmentation), not student_data={config.student_data!r} with student_augment="
-            f"(crop_padding={aug.crop_padding}, flip={aug.flip}): time this config with "
-            "--torch none, or compare with --config.student_data=fresh "
-            "--config.student_augment.crop_padding=0 --config.student_augment.flip=False")
+            "the PyTorch baseline runs the released student phase, not "
+            + ", ".join(f"{k}={v!r}" for k, v in differ.items()) + ": time this config with "
+            "--torch none, or compare with "
+            + " ".join(f"--config.{k}={want}" for k, (want, v) in released_student.items()
+                       if k in differ))
     load_start = check_load(force)
     dev = describe_jax_device()
     images_per_iter = (config.g_steps + config.s_steps) * config.batch_size

@@ -80,7 +80,7 @@ def validate_config(config, num_devices: int = 1) -> None:
     _check(aug.mixup >= 0, f"config.student_augment.mixup must be >= 0 (Beta(a, a)'s a; 0: no "
            f"mixup), got {aug.mixup!r}")
     loss = config.loss
-    for field in ("kd", "alpha", "beta", "gamma", "eta", "student_eta"):
+    for field in ("kd", "alpha", "beta", "gamma", "eta", "student_eta", "student_ikd_scale"):
         _check(loss[field] >= 0, f"config.loss.{field} is a loss weight and must be >= 0 "
                                  f"(0 switches the term off), got {loss[field]!r}")
     _check(loss.ikd_form in ("log", "mse"), f"config.loss.ikd_form must be 'log' or 'mse', got {loss.ikd_form!r}")

@@ -8,7 +8,7 @@ change here only.
 
 Weights and forms (config.loss):
     generator: -kd*KD + alpha*IKD_G + beta*BN + gamma*SupCon + eta*CE(teacher, ce_form)
-    student:    kd*KD + alpha*IKD_S + student_eta*CE(student, student_ce_form)
+    student:    kd*KD + alpha*student_ikd_scale*IKD_S + student_eta*CE(student, student_ce_form)
 A weight of 0 removes the term from the computation.
 """
 from typing import Any, Dict, Optional, Tuple
@@ -70,9 +70,9 @@ def student_objective(nets, w, student_vars, x, t_logits, y,
     if w.kd > 0:
         terms["kd"] = losses.kd_loss(s_logits, t_logits)
         parts["kd"] = w.kd * terms["kd"]
-    if w.alpha > 0:
+    if w.alpha * w.student_ikd_scale > 0:
         terms["ikd"] = losses.ikd_student_loss(s_logits, t_logits, w.ikd_form, axis_name)
-        parts["ikd"] = w.alpha * terms["ikd"]
+        parts["ikd"] = w.alpha * w.student_ikd_scale * terms["ikd"]
     if w.student_eta > 0:
         terms["ce"] = losses.cross_entropy_loss(s_logits, y, w.student_ce_form)
         parts["ce"] = w.student_eta * terms["ce"]

@@ -250,3 +250,14 @@ def test_script_analysis_prints_flops_and_memory_without_running():
         # Elementwise work on top of the products, nothing computed twice.
         assert 1.0 <= r[f"{name}_xla_over_necessary"] < 1.5
     assert "generator_step" in out.stdout and "necessary" in out.stdout
+
+
+def test_the_pytorch_baseline_refuses_a_student_phase_it_does_not_run():
+    from conftest import tiny_digits_config
+    config = tiny_digits_config("improved")
+    with pytest.raises(bm.BaselineMismatch, match="student_data='fresh\\+replay'.*--torch none"):
+        bm.run_benchmark(config, torch_modes=["eager"], force=True, log=lambda *_: None)
+    config.loss.student_ikd_scale = 3.0
+    config.student_data = "fresh"
+    with pytest.raises(bm.BaselineMismatch, match="loss.student_ikd_scale=3.0"):
+        bm.run_benchmark(config, torch_modes=["eager"], force=True, log=lambda *_: None)

@@ -1,7 +1,7 @@
 """PyTorch <-> cpsc-jax conversion: parity of every classifier with an independent PyTorch build.
 
-The PyTorch networks below are written from the spec (docs/method.md §2, the project's copy of the method's facts), with PyTorch's own
-key layout; nothing is copied from the reference projects. Weights *and* BatchNorm running
+The PyTorch networks below are written from the method's facts (docs/method.md §2), with
+PyTorch's own key layout; nothing is copied from the reference projects. Weights *and* BatchNorm running
 statistics are randomised, the PyTorch net runs in eval mode, and the converted Flax net must
 reproduce its logits and features to 1e-4 (fp32; see assert_close).
 """

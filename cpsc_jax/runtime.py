@@ -204,6 +204,19 @@ def stop_if_requested(on_stop: Optional[Callable[[], None]] = None) -> None:
         raise KeyboardInterrupt
 
 
+def preemption_sync_point(step: int) -> bool:
+    """In a multi-process run, JAX's preemption service: True on every process at the same
+    step once any of them got a preemption notice (SIGTERM), so that all save that step.
+    Must be called at every step by every process; False in a single process."""
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+    try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except RuntimeError:   # the service is not running (jax_enable_preemption_service off)
+        return False
+
+
 # ----------------------------------------------------------------------------- periodic actions
 
 def is_time(step: int, every: int, total: Optional[int] = None) -> bool:

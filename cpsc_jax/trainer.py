@@ -19,6 +19,7 @@ WORKDIR after a run:
 import contextlib
 import json
 import os
+import signal
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -222,9 +223,10 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
         log_conditioning(0)
     saved = {"step": start, "at": time.time()}
 
-    def save_now(stopping: bool = False):
-        # The current state, not the last epoch's: a re-run resumes here bit-identically.
-        if step > saved["step"] and jax.process_count() == 1:
+    def save_now(stopping: bool = False, all_processes: bool = False):
+        # The current state, not the last epoch's: a re-run resumes here bit-identically. Several
+        # processes save together only at a step they agreed on (JAX's preemption sync).
+        if step > saved["step"] and (jax.process_count() == 1 or all_processes):
             checkpointer.save(step, state, meta)
             saved.update(step=step, at=time.time())
         if stopping:
@@ -235,6 +237,10 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
         if (config.checkpoint_every_minutes
                 and time.time() - saved["at"] >= 60 * config.checkpoint_every_minutes):
             save_now()
+        if runtime.preemption_sync_point(step):
+            save_now(stopping=True, all_processes=True)
+            runtime.request_stop(signal.SIGTERM)
+            runtime.stop_if_requested()
         runtime.stop_if_requested(on_stop=lambda: save_now(stopping=True))
         if step == start:
             say(f"compiling the iteration ({config.g_steps} generator + {config.s_steps} student "

@@ -162,3 +162,31 @@ def test_teacher_training_over_processes_equals_one_process(tmp_path):
     _, b = ckpt_lib.load_model(str(multi / "teacher"))
     np.testing.assert_allclose(_flat(a), _flat(b), rtol=2e-4, atol=2e-5)
     assert [r["epoch"] for r in _records(multi / "teacher_metrics.jsonl")] == [1, 2]
+
+
+def test_a_preemption_notice_to_one_process_saves_the_same_step_everywhere(tmp_path,
+                                                                           digits_teacher):
+    """SIGTERM to one process of two: JAX's preemption service tells both, they save the same
+    iteration (not the last epoch's) and exit 143; the same command resumes from there."""
+    args = [a for a in DISTIL if not a.startswith("--config.epoch_itrs")] + [
+        "--config.epoch_itrs=20", f"--config.teacher.checkpoint={digits_teacher}",
+        f"--workdir={tmp_path / 'run'}"]
+    procs = _launch("cpsc_jax.cli.train", args, 2, 1, tmp_path)
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while not (tmp_path / "run" / "checkpoints" / "20").is_dir():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                [p.communicate() for p in procs]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        _kill(procs)
+    assert [p.returncode for p in procs] == [143, 143], [o[1][-2000:] for o in outs]
+    saved = [l for l in outs[0][0].splitlines() if l.startswith("saved iteration")]
+    assert len(saved) == 1, outs[0][0][-2000:]
+    at = int(saved[0].split()[2])
+    assert at >= 20 and (tmp_path / "run" / "checkpoints" / str(at)).is_dir()
+    results = _run("cpsc_jax.cli.train", args, 2, 1, tmp_path)
+    assert f"resuming from iteration {at}" in results[0][1]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["iterations"] == 60

@@ -634,7 +634,8 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
                         "student_augment.flip": (False, aug.flip),
                         "student_augment.mixup": (0.0, aug.mixup),
                         "student_grad_clip": (0.0, config.student_grad_clip),
-                        "loss.student_ikd_scale": (1.0, config.loss.student_ikd_scale)}
+                        "loss.student_ikd_scale": (1.0, config.loss.student_ikd_scale),
+                        "loss.student_kd_temperature": (1.0, config.loss.student_kd_temperature)}
     differ = {k: v for k, (want, v) in released_student.items() if v != want}
     if torch_modes and differ:
         raise BaselineMismatch(

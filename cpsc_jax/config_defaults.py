@@ -39,6 +39,8 @@ Fields:
                           (eta: the generator's CE on the teacher; student_eta: the student's)
     loss.student_ikd_scale  the student's IKD weight is alpha * this (released: 1, one alpha
                           for both phases)
+    loss.student_kd_temperature  the student's KD temperature T (KL of softmax(./T), times
+                          T^2; released: 1)
     loss.ikd_form         "log" (released for CIFAR-10) or "mse" (released elsewhere)
     loss.ce_form, loss.student_ce_form
                           "double_softmax" (released: softmax fed to CE) or "plain", per phase
@@ -85,6 +87,7 @@ PRESETS = {
         "student_schedule": "per_epoch", "adapter_optimizer": "frozen",
         "loss.ce_form": "double_softmax", "loss.student_ce_form": "double_softmax",
         "loss.student_eta": "=loss.eta", "loss.student_ikd_scale": 1.0,
+        "loss.student_kd_temperature": 1.0,
         "student_data": "fresh", "student_augment.crop_padding": 0, "student_augment.flip": False,
         "student_augment.mixup": 0.0, "student_grad_clip": 0.0, "generator_reinit_every": 0,
     },
@@ -211,6 +214,7 @@ def distillation_config(dataset: str, teacher: str = "resnet34",
 
     c.loss = ml_collections.ConfigDict(dict(
         kd=1.0, alpha=5.0, beta=1.0, gamma=0.7, eta=0.7, student_eta=0.7, student_ikd_scale=1.0,
+        student_kd_temperature=1.0,
         ikd_form="log" if dataset == "cifar10" else "mse",
         ce_form="double_softmax", student_ce_form="double_softmax",
         temperature=0.07, base_temperature=0.07))

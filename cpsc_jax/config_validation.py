@@ -80,6 +80,8 @@ def validate_config(config, num_devices: int = 1) -> None:
     _check(aug.mixup >= 0, f"config.student_augment.mixup must be >= 0 (Beta(a, a)'s a; 0: no "
            f"mixup), got {aug.mixup!r}")
     loss = config.loss
+    _check(loss.student_kd_temperature > 0, "config.loss.student_kd_temperature must be > 0 "
+           f"(1: the released KD), got {loss.student_kd_temperature!r}")
     for field in ("kd", "alpha", "beta", "gamma", "eta", "student_eta", "student_ikd_scale"):
         _check(loss[field] >= 0, f"config.loss.{field} is a loss weight and must be >= 0 "
                                  f"(0 switches the term off), got {loss[field]!r}")

@@ -11,11 +11,15 @@ import jax.numpy as jnp
 from cpsc_jax.dtypes import at_least_float32
 
 
-def kd_loss(student_logits, teacher_logits):
-    """KL(softmax(t) || softmax(s)), summed over classes, averaged over the batch (T = 1)."""
-    log_p_t = jax.nn.log_softmax(at_least_float32(teacher_logits), -1)
-    log_p_s = jax.nn.log_softmax(at_least_float32(student_logits), -1)
-    return jnp.mean(jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), -1))
+def kd_loss(student_logits, teacher_logits, temperature: float = 1.0):
+    """KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch, times T^2
+    (Hinton et al.: gradients of the same size at any T). T = 1 is the released loss."""
+    t = at_least_float32(teacher_logits) / temperature
+    s = at_least_float32(student_logits) / temperature
+    log_p_t = jax.nn.log_softmax(t, -1)
+    log_p_s = jax.nn.log_softmax(s, -1)
+    kl = jnp.mean(jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), -1))
+    return kl if temperature == 1.0 else kl * temperature ** 2
 
 
 def _global_mean(x, axis_name):

@@ -8,7 +8,7 @@ change here only.
 
 Weights and forms (config.loss):
     generator: -kd*KD + alpha*IKD_G + beta*BN + gamma*SupCon + eta*CE(teacher, ce_form)
-    student:    kd*KD + alpha*student_ikd_scale*IKD_S + student_eta*CE(student, student_ce_form)
+    student:    kd*KD(T = student_kd_temperature) + alpha*student_ikd_scale*IKD_S + student_eta*CE(student, student_ce_form)
 A weight of 0 removes the term from the computation.
 """
 from typing import Any, Dict, Optional, Tuple
@@ -68,7 +68,7 @@ def student_objective(nets, w, student_vars, x, t_logits, y,
     s_logits = at_least_float32(s_logits)
     terms, parts = {}, {}
     if w.kd > 0:
-        terms["kd"] = losses.kd_loss(s_logits, t_logits)
+        terms["kd"] = losses.kd_loss(s_logits, t_logits, w.student_kd_temperature)
         parts["kd"] = w.kd * terms["kd"]
     if w.alpha * w.student_ikd_scale > 0:
         terms["ikd"] = losses.ikd_student_loss(s_logits, t_logits, w.ikd_form, axis_name)

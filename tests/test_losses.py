@@ -32,6 +32,17 @@ def test_kd_is_kl_teacher_student(logits):
     assert float(losses.kd_loss(jnp.asarray(t), jnp.asarray(t))) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_kd_with_a_temperature_is_t_squared_times_the_softened_kl(logits):
+    s, t = logits
+    T = 4.0
+    p_t = np_softmax(t / T)
+    expected = T ** 2 * np.mean(np.sum(p_t * (np.log(p_t) - np_log_softmax(s / T)), -1))
+    np.testing.assert_allclose(losses.kd_loss(jnp.asarray(s), jnp.asarray(t), T), expected,
+                               rtol=1e-5)
+    assert float(losses.kd_loss(jnp.asarray(s), jnp.asarray(t), T)) != pytest.approx(
+        float(losses.kd_loss(jnp.asarray(s), jnp.asarray(t))), rel=1e-3)
+
+
 def test_ikd_forms(logits):
     s, t = logits
     mse = np.mean((s - t) ** 2)

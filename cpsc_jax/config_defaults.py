@@ -24,8 +24,8 @@ Fields:
                           "replay" (student steps draw from the generator's last images) or
                           "fresh+replay" (a fresh batch plus replay_batch stored images;
                           cpsc_jax.replay)
-    replay_size           images the replay memory holds (a multiple of batch_size; 0: one
-                          epoch of generator output, epoch_itrs * g_steps * batch_size)
+    replay_size           images the replay memory holds, a ring (0: one epoch of generator
+                          output, epoch_itrs * g_steps * batch_size)
     replay_batch          stored images per student step with "fresh+replay" (0: batch_size)
     student_augment.{crop_padding, flip, mixup}
                           the student phase's images randomly cropped after edge padding /

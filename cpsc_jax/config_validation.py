@@ -48,14 +48,14 @@ def validate_config(config, num_devices: int = 1) -> None:
            f"config.student_schedule must be 'per_epoch' (released) or 'per_step', got {config.student_schedule!r}")
     _check(config.adapter_optimizer in ("frozen", "sgd"),
            f"config.adapter_optimizer must be 'frozen' (released) or 'sgd', got {config.adapter_optimizer!r}")
-    from cpsc_jax.replay import STUDENT_DATA, memory_size
+    from cpsc_jax.replay import STUDENT_DATA
     _check(config.student_data in STUDENT_DATA,
            f"config.student_data must be 'fresh' (released), 'replay' or 'fresh+replay', got "
            f"{config.student_data!r}")
     _check(isinstance(config.replay_size, int) and not isinstance(config.replay_size, bool)
-           and config.replay_size >= 0 and memory_size(config) % config.batch_size == 0,
-           f"config.replay_size must be 0 (one epoch of generator output) or a positive multiple "
-           f"of batch_size={config.batch_size}, got {config.replay_size!r}")
+           and config.replay_size >= 0,
+           f"config.replay_size must be 0 (one epoch of generator output) or a positive number "
+           f"of images, got {config.replay_size!r}")
     _check(isinstance(config.replay_batch, int) and not isinstance(config.replay_batch, bool)
            and config.replay_batch >= 0 and config.replay_batch % num_devices == 0,
            f"config.replay_batch must be 0 (batch_size) or a positive multiple of the device "

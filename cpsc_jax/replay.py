@@ -56,13 +56,12 @@ def create(config, dtype=jnp.bfloat16) -> Optional[ReplayMemory]:
 
 
 def write(memory: ReplayMemory, images, labels) -> ReplayMemory:
-    """Stores a global batch (replay_size is a multiple of its size, so writes never wrap)."""
-    slot = memory.count % memory.images.shape[0]
-    return memory.replace(
-        images=jax.lax.dynamic_update_slice_in_dim(memory.images, images.astype(memory.images.dtype),
-                                                   slot, 0),
-        labels=jax.lax.dynamic_update_slice_in_dim(memory.labels, labels.astype(jnp.int32), slot, 0),
-        count=memory.count + images.shape[0])
+    """Stores a global batch at the ring's write position (wrapping around its end)."""
+    size = memory.images.shape[0]
+    idx = (memory.count + jnp.arange(images.shape[0])) % size
+    return memory.replace(images=memory.images.at[idx].set(images.astype(memory.images.dtype)),
+                          labels=memory.labels.at[idx].set(labels.astype(jnp.int32)),
+                          count=memory.count + images.shape[0])
 
 
 def sample(memory: ReplayMemory, rng, batch_size: int, start, local: int):

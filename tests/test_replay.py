@@ -171,3 +171,14 @@ def test_one_and_two_devices_agree_with_replay_and_augmentation(data):
         np.testing.assert_allclose(m1[k], m2[k], rtol=2e-4, atol=1e-5, err_msg=k)
     for a, b in zip(jax.tree.leaves(one.student.params), jax.tree.leaves(two.student.params)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_a_ring_whose_size_is_not_a_batch_multiple_wraps_around():
+    c = replay_config(replay_size=40)
+    mem = replay.create(c)
+    for i in range(3):   # 48 images into 40 slots: the third batch wraps to slots 32..39, 0..7
+        mem = replay.write(mem, jnp.full((16, 8, 8, 1), float(i)), jnp.full((16,), i))
+    np.testing.assert_array_equal(np.asarray(mem.labels),
+                                  np.concatenate([np.full(8, 2), np.full(8, 0), np.full(16, 1),
+                                                  np.full(8, 2)]))
+    assert int(mem.count) == 48

@@ -149,12 +149,11 @@ def main(define: Callable[[flags.FlagValues], None],
         _fail(f"unknown config field {text}", prefix="bad flag: ")
     except (flags.Error, TypeError, ValueError, OSError) as e:
         # absl: bad flag values; ml_collections: values of the wrong type, unreadable files, and
-        # a get_config that raised (its traceback inside the message: only its last line says
-        # what was wrong, e.g. an unknown preset in `--config digits:PRESET`).
-        text = str(e).strip()
-        if "Traceback (most recent call last)" in text:
-            text = text.splitlines()[-1].partition(": ")[2] or text.splitlines()[-1]
-            text = f"--config {given}: {text}"
+        # a get_config that raised, which ml_collections and absl each wrap once more: the
+        # exception that get_config raised (e.g. an unknown preset in `--config digits:PRESET`)
+        # is at the end of the chain and says what was wrong.
+        chain = _exception_chain(e)
+        text = (f"--config {given}: {chain[-1]}" if len(chain) > 2 else str(e)).strip()
         _fail(" ".join(text.split()) or type(e).__name__, prefix="bad flag: ")
     finally:
         sys.argv = saved_argv
@@ -185,6 +184,14 @@ def main(define: Callable[[flags.FlagValues], None],
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
     sys.exit(code or 0)
+
+
+def _exception_chain(e: BaseException) -> List[BaseException]:
+    """`e` and the exceptions it was raised from or while handling, outermost first."""
+    chain = [e]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return chain
 
 
 def print_help(F: flags.FlagValues, doc: str, full: bool = False) -> int:

@@ -35,6 +35,7 @@ def tiny_digits_config(*preset):
     c.log_every = 1
     c.sample_columns = 2
     c.teacher.training.epochs = 2
+    c.replay_size = 8 * c.batch_size   # the improved preset's pool, small (used or not)
     return c
 
 

@@ -72,7 +72,9 @@ def _largest_differences(a_state, a_metrics, b_state, b_metrics):
 
 
 def _tiny(**overrides):
-    c = tiny_digits_config()
+    # The conditioned preset: every loss term and the adapter, without the improved preset's
+    # gradient clipping, whose min(1, c/|g|) turns rounding into step-size differences.
+    c = tiny_digits_config("conditioned")
     c.loss.alpha = 0.5             # every term on, adapter present (feature widths 64 vs 128)
     # Adam with eps 1e-8 steps by ~lr*sign(g), turning float rounding in near-zero gradients
     # into lr-sized differences; a large eps keeps the update smooth in g (as test_multidevice).

@@ -201,7 +201,7 @@ def student_step(nets: Networks, config, num_devices: int, teacher_vars, device_
                                draw_local)
         if config.student_data == "fresh+replay":   # drawn before this step's images go in
             mem = replay.write(mem, _gather(parts_x[0]), _gather(parts_y[0]))
-        parts_x.append(xr.astype(jnp.float32))
+        parts_x.append(xr.astype(parts_x[0].dtype if parts_x else jnp.float32))
         parts_y.append(yr)
         parts_rows.append(offset + device_index * draw_local + jnp.arange(draw_local))
         offset += draw

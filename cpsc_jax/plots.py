@@ -6,6 +6,7 @@ and wall time, and the last evaluation's per-class agreement); the trainer write
 WORKDIR/plots/ at every evaluation. `accuracy_against_time` compares runs (seeds of several
 settings) on one wall-clock axis, as docs/RESULTS.md shows them.
 """
+import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -33,6 +34,21 @@ def _save(fig, path: str) -> str:
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)   # a reader never sees half a picture
     return path
+
+
+def load_history(workdir: str) -> List[Dict[str, Any]]:
+    """A run's evaluations from WORKDIR/metrics.jsonl (finished or not), as `accuracy_against_time`
+    takes them: [{"epoch", "step", "elapsed_s", "student_accuracy"}, ...]."""
+    out = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:   # a line torn by a kill
+                continue
+            if "epoch" in r and "student_accuracy" in r:
+                out.append({k: r.get(k) for k in ("epoch", "step", "elapsed_s", "student_accuracy")})
+    return out
 
 
 def run_curves(history: Sequence[Dict[str, Any]], path: str, title: str = "") -> str:

@@ -32,3 +32,14 @@ def test_accuracy_against_time_compares_settings(tmp_path):
             "improved": [history([50.0, 70.0])]}
     path = plots.accuracy_against_time(runs, str(tmp_path / "c.png"), "cmp", anchor=91.6)
     assert Image.open(path).size[0] > 300
+
+
+def test_load_history_reads_the_evaluations_of_a_run_even_unfinished(tmp_path):
+    import json
+    lines = [{"step": 1, "loss": 3.0}, {"step": 50, "epoch": 1, "student_accuracy": 40.0,
+                                       "elapsed_s": 12.0},
+             {"step": 100, "epoch": 2, "student_accuracy": 60.0, "elapsed_s": 24.0}]
+    text = "\n".join(json.dumps(l) for l in lines) + '\n{"step": 101, "lo'   # torn by a kill
+    (tmp_path / "metrics.jsonl").write_text(text)
+    h = plots.load_history(str(tmp_path))
+    assert [r["student_accuracy"] for r in h] == [40.0, 60.0] and h[1]["elapsed_s"] == 24.0

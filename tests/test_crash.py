@@ -173,3 +173,36 @@ def test_sigterm_mid_epoch_saves_that_iteration_and_resumes_bit_identically(tmp_
     assert np.array_equal(_flat(a), _flat(b)), "the resumed student differs"
     read = lambda d: [json.loads(l) for l in open(d / "metrics.jsonl")]
     assert _without_timing(read(tmp_path / "ref")) == _without_timing(read(workdir))
+
+
+def test_sigterm_during_compilation_saves_the_first_iteration_and_resumes(tmp_path,
+                                                                          digits_teacher):
+    """A notice while XLA compiles: the run finishes that first iteration, saves it, exits
+    143; the re-run resumes from iteration 1 and ends like an uninterrupted run."""
+    import signal
+    reference = _start(tmp_path / "ref", digits_teacher)
+    workdir = tmp_path / "early"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen([sys.executable, "-m", "cpsc_jax.cli.train", *ARGS,
+                             f"--workdir={workdir}", f"--config.teacher.checkpoint={digits_teacher}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=str(REPO))
+    try:
+        for line in proc.stdout:
+            if line.startswith("compiling the iteration"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "saved iteration 1 of 12" in out, out[-2000:]
+    done = _launch(workdir, digits_teacher)
+    ref = _finish(reference)
+    assert done.returncode == 0 and ref.returncode == 0, done.stderr[-3000:] + ref.stderr[-3000:]
+    assert "resuming from iteration 1" in done.stdout
+    _, a = ckpt_lib.load_model(str(tmp_path / "ref" / "student"))
+    _, b = ckpt_lib.load_model(str(workdir / "student"))
+    assert np.array_equal(_flat(a), _flat(b)), "the resumed student differs"

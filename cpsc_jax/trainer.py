@@ -40,8 +40,8 @@ from cpsc_jax.models import get_model
 from cpsc_jax.teacher import Teacher, check_teacher_identity
 
 # Changing these on resume only warns; `epochs` may grow (the cosine schedule then stretches).
-HARMLESS = ("log_every", "checkpoint_every_minutes", "eval_batch_size", "sample_columns", "log_conditioning",
-            "profile_steps", "data.dir", "data.tfds_dir", "data.extra_eval",
+HARMLESS = ("log_every", "checkpoint_every_minutes", "eval_batch_size", "sample_columns",
+            "log_conditioning", "profile_steps", "data.dir", "data.tfds_dir", "data.extra_eval",
             "teacher.checkpoint", "teacher.train_if_missing", "teacher.training.")
 EXTENDABLE = ("epochs",)
 RESULTS = "results.json"

@@ -42,7 +42,8 @@ MODEL_DIR = "teacher"
 CONFIG_FILE = "teacher_config.json"
 # Changing these on resume only warns; `epochs` may grow (the cosine then stretches).
 HARMLESS = ("log_every_s", "eval_every", "eval_batch_size", "steps_per_call",
-            "checkpoint_min_interval_s", "checkpoint_every_minutes", "data.dir", "data.tfds_dir", "data.extra_eval")
+            "checkpoint_min_interval_s", "checkpoint_every_minutes", "data.dir", "data.tfds_dir",
+            "data.extra_eval")
 EXTENDABLE = ("epochs",)
 
 
@@ -245,7 +246,8 @@ def _train(config, workdir, out, topo, say) -> str:
             # goes on from there bit-identically (the same batches, the same keys).
             nonlocal last_save
             drain()
-            if c > 0 and jax.process_count() == 1:
+            if (c > 0 and jax.process_count() == 1
+                    and int(jax.device_get(state.step)) != checkpointer.latest_step()):
                 checkpointer.save(int(jax.device_get(state.step)), _state_tree(state),
                                   {"epoch": epoch - 1, "chunk": c, "partial": {
                                       "loss_sum": loss_sum, "correct": correct, "count": count}})

@@ -64,6 +64,18 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+class FanOut:
+    """One `write(step, record)` for several writers (metrics.jsonl, TensorBoard): the records
+    are the same, so a run writes each once."""
+
+    def __init__(self, *writers):
+        self.writers = writers
+
+    def write(self, step: int, record: Dict[str, Any]) -> None:
+        for w in self.writers:
+            w.write(step, record)
+
+
 class Progress:
     """Iterations per second and ETA measured from the first iteration timed in this process
     (so compilation and a resumed run's earlier iterations do not distort them)."""

@@ -34,7 +34,7 @@ from cpsc_jax import images as images_lib
 from cpsc_jax import runtime, steps
 from cpsc_jax.config_validation import validate_config, validate_teacher
 from cpsc_jax.evaluation import accuracy
-from cpsc_jax.metrics import (JsonlWriter, ProfileWindow, Progress, format_duration,
+from cpsc_jax.metrics import (FanOut, JsonlWriter, ProfileWindow, Progress, format_duration,
                               learning_rates, summary_writer)
 from cpsc_jax.models import get_model
 from cpsc_jax.teacher import Teacher, check_teacher_identity
@@ -185,6 +185,7 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
                          enabled=topo.is_writer)
     tb = outputs.enter_context(summary_writer(os.path.join(workdir, "tensorboard"),
                                               resume_step=latest, enabled=topo.is_writer))
+    out = FanOut(writer, tb)   # every record to metrics.jsonl and TensorBoard
     if topo.is_writer and latest is None:
         missing = ([f"no tensorboard/ is written: {tb.reason}"] if not tb.enabled else []) + (
             [] if plots.available() else ["no plots/ are drawn (pip install matplotlib)"])
@@ -206,8 +207,7 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
         figures = diagnostics.conditioning_gradients(
             conditioning, state, teacher_vars, config,
             jax.random.fold_in(jax.random.PRNGKey(config.seed + 777), step))
-        writer.write(step, diagnostics.flatten(figures))
-        tb.write(step, diagnostics.flatten(figures))
+        out.write(step, diagnostics.flatten(figures))
 
     total = config.epochs * config.epoch_itrs
     start = int(state.step)
@@ -266,8 +266,7 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
             runtime.check_finite(m, f"at iteration {step}",
                                  _divergence_advice(checkpointer, workdir, teacher))
             m.update(learning_rates(config, step))
-            writer.write(step, m)
-            tb.write(step, m)
+            out.write(step, m)
             acc_text = ""
             if meta["history"]:
                 last = meta["history"][-1]
@@ -319,8 +318,7 @@ def _run(config, workdir, teacher, topo, checkpointer, latest, say, stop_after_e
                   **{f"student_accuracy/{k}": v for k, v in accs.items()},
                   **faithfulness.scalars(faithful), **collapse.scalars(health),
                   "elapsed_s": total_elapsed}
-        writer.write(step, record)
-        tb.write(step, record)
+        out.write(step, record)
         tb.flush()
         if conditioning is not None:
             log_conditioning(step)

@@ -189,3 +189,19 @@ def test_exported_student_loads_strictly_and_predicts_like_flax(arch, tmp_path):
     error = float(np.max(np.abs(flax_logits - torch_logits))) / scale
     print(f"{arch}: max |flax - torch| / max |logit| = {error:.2e}")
     assert error < 2e-5, f"{arch}: relative logit difference {error:.2e}"
+
+
+def test_fan_out_gives_every_writer_the_same_records(tmp_path):
+    jsonl = metrics.JsonlWriter(str(tmp_path / "m.jsonl"))
+    seen = []
+
+    class Sink:
+        def write(self, step, record):
+            seen.append((step, dict(record)))
+
+    out = metrics.FanOut(jsonl, Sink())
+    out.write(3, {"loss": 1.5})
+    out.write(4, {"loss": 1.0, "epoch": 1})
+    lines = [json.loads(l) for l in open(tmp_path / "m.jsonl")]
+    assert [l["loss"] for l in lines] == [1.5, 1.0] and [l["step"] for l in lines] == [3, 4]
+    assert seen == [(3, {"loss": 1.5}), (4, {"loss": 1.0, "epoch": 1})]

@@ -420,9 +420,9 @@ def necessary_flops(config) -> Dict[str, float]:
     generator step: G forward + weight + input gradients (not its first layer's: z);
                     teacher forward + input gradients; student forward + input gradients;
                     adapter likewise (+ weight gradients when it trains);
-    student step:   G forward (not with a replay memory: its images are stored); teacher
+    student step:   G forward (not with student_data="replay": its images are stored); teacher
                     forward; student forward + weight + input gradients (not its first
-                    layer's: the images are constants)."""
+                    layer's: the images are constants), on the fresh and the replayed images."""
     from cpsc_jax import steps
     from cpsc_jax.checkpoint import ModelSpec
     b, c = config.batch_size, config
@@ -451,7 +451,11 @@ def necessary_flops(config) -> Dict[str, float]:
     adapter_trains = c.adapter_optimizer != "frozen"
     generator_step = (g + g + (g - g1) + t + (t if teacher_grad else 0.0)
                       + s + (s if student_grad else 0.0) + a + a + (a if adapter_trains else 0.0))
-    student_step = (g if c.student_data != "replay" else 0.0) + t + s + s + (s - s1)
+    from cpsc_jax import replay
+    images = ((b if c.student_data != "replay" else 0)
+              + (replay.replay_batch(c) if c.student_data != "fresh" else 0))
+    student_step = ((g if c.student_data != "replay" else 0.0)
+                    + (t + s + s + (s - s1)) * images / b)
     return {"generator_step": generator_step, "student_step": student_step,
             "forward": {"generator": g, "teacher": t, "student": s, "adapter": a}}
 

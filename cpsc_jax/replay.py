@@ -57,11 +57,16 @@ def create(config, dtype=jnp.bfloat16) -> Optional[ReplayMemory]:
 
 def write(memory: ReplayMemory, images, labels) -> ReplayMemory:
     """Stores a global batch at the ring's write position (wrapping around its end)."""
-    size = memory.images.shape[0]
-    idx = (memory.count + jnp.arange(images.shape[0])) % size
-    return memory.replace(images=memory.images.at[idx].set(images.astype(memory.images.dtype)),
-                          labels=memory.labels.at[idx].set(labels.astype(jnp.int32)),
-                          count=memory.count + images.shape[0])
+    size, n = memory.images.shape[0], images.shape[0]
+    images, labels = images.astype(memory.images.dtype), labels.astype(jnp.int32)
+    if size % n == 0:   # writes never straddle the end: an in-place slice update
+        slot = memory.count % size
+        new_images = jax.lax.dynamic_update_slice_in_dim(memory.images, images, slot, 0)
+        new_labels = jax.lax.dynamic_update_slice_in_dim(memory.labels, labels, slot, 0)
+    else:
+        idx = (memory.count + jnp.arange(n)) % size
+        new_images, new_labels = memory.images.at[idx].set(images), memory.labels.at[idx].set(labels)
+    return memory.replace(images=new_images, labels=new_labels, count=memory.count + n)
 
 
 def sample(memory: ReplayMemory, rng, batch_size: int, start, local: int):

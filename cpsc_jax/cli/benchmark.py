@@ -1,11 +1,11 @@
 r"""cpsc-benchmark: time one CPSC-DFKD iteration (G_steps + S_steps) and each phase, JAX against
 PyTorch.
 
-    cpsc-benchmark --config mnist
-    cpsc-benchmark --config cifar10 --config.teacher.arch=resnet20 \\
+    cpsc-benchmark --config mnist:released
+    cpsc-benchmark --config cifar10 --config.teacher.arch=resnet20 \
         --config.student.arch=wrn_16_1 --config.batch_size=64 --config.g_steps=2 --torch=both
     cpsc-benchmark --config cifar10 --iters=20 --torch=none   # GPU
-    cpsc-benchmark --config mnist --compare_loops   # scan vs unrolled
+    cpsc-benchmark --config mnist:released --compare_loops   # scan vs unrolled
     cpsc-benchmark --config cifar10 --analysis      # FLOPs and compiled memory, nothing run
 
 Random teacher/student/generator weights (timing does not depend on them). The JAX side runs

@@ -28,12 +28,19 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)   # a reader never sees half a picture
-    return path
+def _save(fig, path: str, title: str = "") -> str:
+    """Writes `fig` (titled) to `path` atomically and closes it."""
+    plt = _pyplot()
+    try:
+        if title:
+            fig.suptitle(title)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)   # a reader never sees half a picture
+        return path
+    finally:
+        plt.close(fig)
 
 
 def load_history(workdir: str) -> List[Dict[str, Any]]:
@@ -73,12 +80,7 @@ def run_curves(history: Sequence[Dict[str, Any]], path: str, title: str = "") ->
     axes[2].set_ylabel("teacher agrees %")
     axes[2].set_ylim(0, 100)
     axes[2].set_title(f"per class, epoch {history[-1]['epoch']}" if history else "")
-    if title:
-        fig.suptitle(title)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path, title)
 
 
 def accuracy_against_time(runs: Dict[str, List[Sequence[Dict[str, Any]]]], path: str,
@@ -104,9 +106,4 @@ def accuracy_against_time(runs: Dict[str, List[Sequence[Dict[str, Any]]]], path:
     ax.set_ylabel("student accuracy %")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    if title:
-        ax.set_title(title)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path, title)

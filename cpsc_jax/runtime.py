@@ -313,6 +313,26 @@ def flatten_config(config) -> Dict[str, Any]:
     return out
 
 
+def read_record(path: str) -> Optional[Dict[str, Any]]:
+    """A run's recorded JSON file (config, teacher identity), or None when absent or torn by a
+    crash during its first write (the caller then writes it again)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_record(path: str, record: Dict[str, Any], **dump_kw) -> None:
+    """Writes a run's JSON record atomically (a reader never sees half of it)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, **dump_kw)
+    os.replace(tmp, path)
+
+
 def check_run_config(workdir: str, config, harmless: Iterable[str], extendable: Iterable[str] = (),
                      resuming: bool = True, write: bool = True,
                      log: Callable[[str], None] = print, name: str = "config.json") -> None:
@@ -322,12 +342,8 @@ def check_run_config(workdir: str, config, harmless: Iterable[str], extendable: 
     difference; harmless changes go on with a warning."""
     path = os.path.join(workdir, name)
     now = flatten_config(config)
-    if resuming and os.path.isfile(path):
-        try:
-            with open(path) as f:
-                before = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            before = None   # torn by a crash during the first write: rewritten below
+    if resuming:
+        before = read_record(path)
         if before is not None:
             harmless, extendable = set(harmless), set(extendable)
             refused, warned = [], []
@@ -350,10 +366,7 @@ def check_run_config(workdir: str, config, harmless: Iterable[str], extendable: 
             if warned:
                 log("warning: resuming with changed settings: " + "; ".join(warned))
     if write:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(now, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_record(path, now, indent=1, sort_keys=True)
 
 
 class Elapsed:

@@ -7,7 +7,6 @@ or apply function through `Teacher.from_flax` (see `cpsc_jax.flax_wrap`).
 """
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -15,6 +14,7 @@ import jax
 import numpy as np
 
 from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax import runtime
 from cpsc_jax.errors import UserError
 from cpsc_jax.models import get_model
 
@@ -157,12 +157,8 @@ def check_teacher_identity(workdir: str, teacher: Teacher, resuming: bool,
     (other variables, network or input) is refused: the run would go on distilling from it."""
     path = os.path.join(workdir, TEACHER_RECORD)
     now = teacher.identity()
-    if resuming and os.path.isfile(path):
-        try:
-            with open(path) as f:
-                before = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            before = None   # torn by a crash during the first write: rewritten below
+    if resuming:
+        before = runtime.read_record(path)
         if before is not None:
             changed = [k for k in ("sha256", "name", "num_classes", "input", "mean", "std")
                        if before.get(k) != now[k]]
@@ -175,7 +171,4 @@ def check_teacher_identity(workdir: str, teacher: Teacher, resuming: bool,
                     f"differs in {', '.join(changed)}): use a fresh workdir, or the original "
                     "teacher to resume")
     if write:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(now, f, indent=1)
-        os.replace(tmp, path)
+        runtime.write_record(path, now, indent=1)

@@ -52,3 +52,23 @@ def digits_teacher_model(digits_teacher):
     """The same teacher as a `cpsc_jax.teacher.Teacher`."""
     from cpsc_jax.teacher import load_teacher
     return load_teacher(digits_teacher)
+
+
+def run_iterations(config, num_devices, n_iters=2):
+    """`n_iters` iterations of `config` on a randomly initialised teacher over `num_devices`
+    simulated devices: (final state, per-iteration metrics), on the host."""
+    import jax
+    from cpsc_jax import runtime, steps
+    from cpsc_jax.checkpoint import ModelSpec, init_variables
+    spec = ModelSpec(config.teacher.arch, config.num_classes, config.image_size, config.channels,
+                     (0.3,), (0.4,))
+    topo = runtime.topology(max_devices=num_devices)
+    teacher = runtime.replicate(init_variables(spec, jax.random.PRNGKey(7)), topo)
+    nets = steps.build_networks(config, spec.arch)
+    state = runtime.replicate(steps.init_state(nets, config, jax.random.PRNGKey(0)), topo)
+    iteration = steps.make_train_iteration(nets, config, num_devices, donate=False)
+    history = []
+    for _ in range(n_iters):
+        state, metrics = iteration(state, teacher, topo.device_ids())
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state), history

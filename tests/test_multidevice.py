@@ -3,24 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_digits_config
-from cpsc_jax import runtime, steps
-from cpsc_jax.checkpoint import ModelSpec, init_variables
-
-
-def run_iterations(config, num_devices, n_iters=2):
-    spec = ModelSpec(config.teacher.arch, config.num_classes, config.image_size, config.channels,
-                     (0.3,), (0.4,))
-    topo = runtime.topology(max_devices=num_devices)
-    teacher = runtime.replicate(init_variables(spec, jax.random.PRNGKey(7)), topo)
-    nets = steps.build_networks(config, spec.arch)
-    state = runtime.replicate(steps.init_state(nets, config, jax.random.PRNGKey(0)), topo)
-    iteration = steps.make_train_iteration(nets, config, num_devices, donate=False)
-    history = []
-    for _ in range(n_iters):
-        state, metrics = iteration(state, teacher, topo.device_ids())
-        history.append(jax.device_get(metrics))
-    return jax.device_get(state), history
+from conftest import run_iterations, tiny_digits_config
+from cpsc_jax import steps
 
 
 @pytest.mark.skipif(jax.local_device_count() < 2, reason="needs 2 simulated devices (conftest)")

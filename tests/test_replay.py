@@ -4,9 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_digits_config
-from cpsc_jax import replay, runtime, steps
-from cpsc_jax.checkpoint import ModelSpec, init_variables
+from conftest import run_iterations, tiny_digits_config
+from cpsc_jax import replay, steps
 
 
 def replay_config(**overrides):
@@ -51,16 +50,8 @@ def test_default_size_is_one_epoch_of_generator_output():
 
 
 def _run(config, num_devices=1, n_iters=2):
-    spec = ModelSpec(config.teacher.arch, config.num_classes, config.image_size, config.channels,
-                     (0.3,), (0.4,))
-    topo = runtime.topology(max_devices=num_devices)
-    teacher = runtime.replicate(init_variables(spec, jax.random.PRNGKey(7)), topo)
-    nets = steps.build_networks(config, spec.arch)
-    state = runtime.replicate(steps.init_state(nets, config, jax.random.PRNGKey(0)), topo)
-    iteration = steps.make_train_iteration(nets, config, num_devices, donate=False)
-    for _ in range(n_iters):
-        state, metrics = iteration(state, teacher, topo.device_ids())
-    return nets, jax.device_get(state), jax.device_get(metrics)
+    state, history = run_iterations(config, num_devices, n_iters)
+    return steps.build_networks(config, config.teacher.arch), state, history[-1]
 
 
 def test_generator_steps_store_their_images_and_labels():

@@ -9,7 +9,7 @@ add `--config.data.protocol=holdout --config.data.extra_eval=PATH/test_batch_fir
 the student is then evaluated on data_batch_5 and on the extra set, and results.json says
 "protocol": "cifar10-holdout".
 """
-from cpsc_jax.config_defaults import apply_preset, distillation_config
+from cpsc_jax.config.defaults import apply_preset, distillation_config
 
 
 def get_config(preset: str = "released"):

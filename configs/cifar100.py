@@ -4,7 +4,7 @@ with the MSE-form IKD the released code uses for every dataset but CIFAR-10.
     python scripts/train.py --config configs/cifar100.py --workdir W \
         --config.teacher.checkpoint=TEACHER_DIR --config.data.dir=PATH/cifar-100-python
 """
-from cpsc_jax.config_defaults import apply_preset, distillation_config
+from cpsc_jax.config.defaults import apply_preset, distillation_config
 
 
 def get_config(preset: str = "released"):

@@ -10,7 +10,7 @@ split; distillation reads no training image).
     cpsc-train --config cifar10_cpu --workdir W --config.teacher.checkpoint=teachers/cifar10_resnet20 \\
         --config.data.dir=PATH/test_batch_first1017.npz
 """
-from cpsc_jax.config_defaults import apply_preset, distillation_config
+from cpsc_jax.config.defaults import apply_preset, distillation_config
 
 
 def get_config(preset: str = "released"):

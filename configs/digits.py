@@ -5,7 +5,7 @@ checkpoint is absent; distillation itself never reads a training image. Weights 
 released CIFAR command on purpose: with a 3-BN teacher the BN-statistics term has little grip and
 the released alpha=5 log-IKD lets the adversarial game run away (docs/method.md §7), so alpha is small.
 """
-from cpsc_jax.config_defaults import apply_preset, distillation_config, teacher_config
+from cpsc_jax.config.defaults import apply_preset, distillation_config, teacher_config
 
 
 def get_config(preset: str = "improved"):

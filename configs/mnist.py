@@ -6,7 +6,7 @@ adversarial IKD weight is small; MSE-form IKD as in the released code for non-CI
     python scripts/train.py --config configs/mnist.py --workdir W \
         --config.teacher.checkpoint=TEACHER_DIR --config.data.dir=PATH/mnist
 """
-from cpsc_jax.config_defaults import apply_preset, distillation_config
+from cpsc_jax.config.defaults import apply_preset, distillation_config
 
 
 def get_config(preset: str = "improved"):

@@ -9,7 +9,7 @@ teacher first:
 
 data.dir: a folder with train_32x32.mat / test_32x32.mat; empty reads TFDS svhn_cropped.
 """
-from cpsc_jax.config_defaults import apply_preset, distillation_config
+from cpsc_jax.config.defaults import apply_preset, distillation_config
 
 
 def get_config(preset: str = "released"):

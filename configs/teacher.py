@@ -1,6 +1,6 @@
 """Teacher training, one config for every dataset and architecture: the released recipe (SGD 0.1,
 momentum 0.9, weight decay 5e-4, cosine, 4-pixel crops, flips) where the literature uses it,
-smaller recipes for digits and MNIST (cpsc_jax.config_defaults.TEACHER_RECIPES). The argument
+smaller recipes for digits and MNIST (cpsc_jax.config.defaults.TEACHER_RECIPES). The argument
 after the colon is "DATASET[,ARCH]" (default architecture per dataset):
 
     python scripts/train_teacher.py --config configs/teacher.py:mnist \
@@ -12,7 +12,7 @@ after the colon is "DATASET[,ARCH]" (default architecture per dataset):
 Datasets: digits (small_cnn), mnist (lenet5_bn: LeNet-5 with a BN after each conv, since the
 BN-statistics loss needs BN layers), cifar10, cifar100, svhn, tiny_imagenet (resnet34).
 """
-from cpsc_jax.config_defaults import teacher_config
+from cpsc_jax.config.defaults import teacher_config
 
 
 def get_config(arg: str = "cifar10,resnet34"):

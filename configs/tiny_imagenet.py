@@ -13,7 +13,7 @@ no TFDS source. The generator upsamples 8 -> 64 with three nearest-upsample + co
 released code's 64x64 generator uses transposed convs, slow in XLA). The CIFAR ResNets work
 unchanged at 64x64 (global average pooling).
 """
-from cpsc_jax.config_defaults import apply_preset, distillation_config
+from cpsc_jax.config.defaults import apply_preset, distillation_config
 
 
 def get_config(preset: str = "released"):

@@ -8,9 +8,9 @@
     out.results["student_accuracy"], out.history
 
 The teacher is any `flax.linen` classifier (or `apply_fn(variables, x)`), wrapped by
-`cpsc_jax.flax_wrap`; the student is a registry name or another Flax module, which `distill`
+`cpsc_jax.teachers.flax_wrap`; the student is a registry name or another Flax module, which `distill`
 registers under `student_name` so that the student checkpoint records it. The run itself is
-`cpsc_jax.trainer.train_and_evaluate`: everything it writes lands in `workdir`.
+`cpsc_jax.method.trainer.train_and_evaluate`: everything it writes lands in `workdir`.
 """
 import contextlib
 import dataclasses
@@ -20,12 +20,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import ml_collections
 import numpy as np
 
-from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax.infra import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
-from cpsc_jax import flax_wrap
+from cpsc_jax.teachers import flax_wrap
 from cpsc_jax import models as models_lib
-from cpsc_jax.config_validation import ConfigError
-from cpsc_jax.teacher import Teacher
+from cpsc_jax.config.validation import ConfigError
+from cpsc_jax.teachers.teacher import Teacher
 
 # The registry name a run's config gives an in-memory teacher (registered only while it runs).
 TEACHER_NAME = "flax_teacher"
@@ -58,7 +58,7 @@ class Distilled:
 
     def predict(self, images, batch_size: int = 500) -> np.ndarray:
         """Predicted classes of un-normalised images (uint8, or float in [0, 1]; NHWC)."""
-        from cpsc_jax.evaluation import predict_labels
+        from cpsc_jax.training.evaluation import predict_labels
         return predict_labels(self.network, self.variables, _as_uint8(images), self.mean,
                               self.std, batch_size)
 
@@ -90,7 +90,7 @@ def default_config(num_classes: int, input_shape, student: str = "resnet18",
         c.teacher.train_if_missing = False
         c.student.arch = student
     else:
-        from cpsc_jax.config_defaults import distillation_config
+        from cpsc_jax.config.defaults import distillation_config
         c = distillation_config("cifar100", teacher=TEACHER_NAME, student=student)
         c.loss.ikd_form = "mse"
         if teacher_bn_layers is not None and teacher_bn_layers < FEW_BN_LAYERS:
@@ -100,7 +100,7 @@ def default_config(num_classes: int, input_shape, student: str = "resnet18",
     c.teacher.arch = TEACHER_NAME
     c.generator.num_upsamples = generator_upsamples(size)
     if preset:
-        from cpsc_jax.config_defaults import apply_preset
+        from cpsc_jax.config.defaults import apply_preset
         apply_preset(c, preset)
     return c
 
@@ -219,8 +219,8 @@ def distill(teacher, teacher_variables: Optional[Dict[str, Any]] = None, *,
     `log` receives every progress line (False or None: silent).
 
     teacher: a `flax.linen` classifier (called `teacher(x, train=False)`, see `train_arg`), an
-      `apply_fn(variables, x)`, a `cpsc_jax.flax_wrap.FlaxClassifier` (for `feature_layer` or
-      `feature_fn` options) or a `cpsc_jax.teacher.Teacher` (then the four below are its own).
+      `apply_fn(variables, x)`, a `cpsc_jax.teachers.flax_wrap.FlaxClassifier` (for `feature_layer` or
+      `feature_fn` options) or a `cpsc_jax.teachers.teacher.Teacher` (then the four below are its own).
     teacher_variables: its variables ({"params", "batch_stats", ...}).
     num_classes, input_shape (H, W, C), mean, std: the classes, and the normalised input the
       teacher takes (mean/std: the normalisation it was trained with).
@@ -279,7 +279,7 @@ def distill(teacher, teacher_variables: Optional[Dict[str, Any]] = None, *,
     eval_sets = _eval_sets(eval_data, num_classes, input_shape)
     workdir = workdir or tempfile.mkdtemp(prefix="cpsc_jax_")
 
-    from cpsc_jax.trainer import train_and_evaluate   # imported late: the heaviest module
+    from cpsc_jax.method.trainer import train_and_evaluate   # imported late: the heaviest module
     with contextlib.ExitStack() as stack:
         if teacher.arch is None:   # an in-memory network: the config names it while it runs
             build = teacher.build

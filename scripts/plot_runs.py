@@ -1,4 +1,4 @@
-"""Student accuracy against wall time for several runs (cpsc_jax.plots.accuracy_against_time).
+"""Student accuracy against wall time for several runs (cpsc_jax.infra.plots.accuracy_against_time).
 
     python scripts/plot_runs.py --out docs/cifar10_cpu.png --title "CIFAR-10, ResNet-20 -> WRN-16-1" \
         released=runs/c10/released/seed0,runs/c10/released/seed1 improved=runs/c10/improved/seed0
@@ -8,7 +8,7 @@ under one label.
 """
 import argparse
 
-from cpsc_jax import plots
+from cpsc_jax.infra import plots
 
 
 def main(argv=None) -> int:

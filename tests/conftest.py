@@ -42,31 +42,33 @@ def tiny_digits_config(*preset):
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory):
     """A digits teacher checkpoint (its path), trained once per test session (two epochs)."""
-    from cpsc_jax.teacher_training import train_teacher
+    from cpsc_jax.teachers.training import train_teacher
     workdir = tmp_path_factory.mktemp("digits_teacher")
     return train_teacher(tiny_digits_config().teacher.training, str(workdir), log=lambda *a: None)
 
 
 @pytest.fixture(scope="session")
 def digits_teacher_model(digits_teacher):
-    """The same teacher as a `cpsc_jax.teacher.Teacher`."""
-    from cpsc_jax.teacher import load_teacher
+    """The same teacher as a `cpsc_jax.teachers.teacher.Teacher`."""
+    from cpsc_jax.teachers.teacher import load_teacher
     return load_teacher(digits_teacher)
 
 
-def run_iterations(config, num_devices, n_iters=2):
+def run_iterations(config, num_devices, n_iters=2, **iteration_options):
     """`n_iters` iterations of `config` on a randomly initialised teacher over `num_devices`
     simulated devices: (final state, per-iteration metrics), on the host."""
     import jax
-    from cpsc_jax import runtime, steps
-    from cpsc_jax.checkpoint import ModelSpec, init_variables
+    from cpsc_jax.infra import runtime
+    from cpsc_jax.method import steps
+    from cpsc_jax.infra.checkpoint import ModelSpec, init_variables
     spec = ModelSpec(config.teacher.arch, config.num_classes, config.image_size, config.channels,
                      (0.3,), (0.4,))
     topo = runtime.topology(max_devices=num_devices)
     teacher = runtime.replicate(init_variables(spec, jax.random.PRNGKey(7)), topo)
     nets = steps.build_networks(config, spec.arch)
     state = runtime.replicate(steps.init_state(nets, config, jax.random.PRNGKey(0)), topo)
-    iteration = steps.make_train_iteration(nets, config, num_devices, donate=False)
+    iteration = steps.make_train_iteration(nets, config, num_devices, donate=False,
+                                           **iteration_options)
     history = []
     for _ in range(n_iters):
         state, metrics = iteration(state, teacher, topo.device_ids())

@@ -12,14 +12,15 @@ import pytest
 
 from conftest import tiny_digits_config
 from cpsc_jax import data as data_lib
-from cpsc_jax import runtime, steps
-from cpsc_jax import teacher_training as tt
-from cpsc_jax.checkpoint import ModelSpec, init_variables
-from cpsc_jax.evaluation import accuracy
+from cpsc_jax.infra import runtime
+from cpsc_jax.method import steps
+from cpsc_jax.teachers import training as tt
+from cpsc_jax.infra.checkpoint import ModelSpec, init_variables
+from cpsc_jax.training.evaluation import accuracy
 from cpsc_jax.models import get_model
 from cpsc_jax.models import layers
 from cpsc_jax.models.layers import BatchNorm, LayerOptions, batch_moments
-from cpsc_jax.train_state import TrainState
+from cpsc_jax.training.state import TrainState
 
 two_devices = pytest.mark.skipif(jax.local_device_count() < 2,
                                  reason="needs 2 simulated devices (conftest)")
@@ -137,7 +138,7 @@ def test_layer_options_are_validated_and_threaded():
     # A network that does not take options (e.g. a user's Flax teacher) is left as it is.
     adapter = nets.adapter
     assert layers.with_options(adapter, want) is adapter
-    from cpsc_jax.config_validation import ConfigError, validate_config
+    from cpsc_jax.config.validation import ConfigError, validate_config
     validate_config(config)
     for field, value in (("conv_gradients", "cudnn"), ("bn_sync", "sync")):
         bad = _tiny(**{field: value})

@@ -14,13 +14,13 @@ import optax
 import pytest
 
 import cpsc_jax
-from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax.infra import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
 from cpsc_jax import models as models_lib
-from cpsc_jax.config_validation import ConfigError
-from cpsc_jax.flax_wrap import FlaxClassifier, WrapError, wrap
+from cpsc_jax.config.validation import ConfigError
+from cpsc_jax.teachers.flax_wrap import FlaxClassifier, WrapError, wrap
 from cpsc_jax.models import BN_MOMENTS
-from cpsc_jax.teacher import Teacher
+from cpsc_jax.teachers.teacher import Teacher
 
 quiet = lambda *a: None
 DIGITS = data_lib.dataset_info("digits")
@@ -220,7 +220,7 @@ def test_teacher_without_batchnorm_and_beta_is_a_clear_error(tmp_path):
         cpsc_jax.distill(model, variables, config=tiny_config(beta=1.0), **kwargs)
     assert not (tmp_path / "w").exists()
     # The trainer's own check says the same for a Teacher handed to it directly.
-    from cpsc_jax.config_validation import validate_teacher
+    from cpsc_jax.config.validation import validate_teacher
     teacher = Teacher.from_flax(model, variables, num_classes=10, input_shape=SHAPE,
                                 mean=DIGITS.mean, std=DIGITS.std)
     with pytest.raises(ConfigError, match="needs BatchNorm layers in the teacher"):
@@ -295,7 +295,7 @@ def test_register_model_round_trip_through_a_checkpoint(tmp_path):
     loaded_spec, loaded = ckpt_lib.load_model(str(tmp_path / "m"))
     assert loaded_spec.arch == "user_cnn"
     jax.tree.map(np.testing.assert_array_equal, loaded, variables)
-    from cpsc_jax.evaluation import evaluate_checkpoint
+    from cpsc_jax.training.evaluation import evaluate_checkpoint
     npz = tmp_path / "few.npz"
     np.savez(npz, data=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))
     assert evaluate_checkpoint(str(tmp_path / "m"), str(npz))["num_examples"] == 4

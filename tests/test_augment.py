@@ -1,11 +1,11 @@
-"""Random crops after padding and flips (cpsc_jax.augment), for real and synthetic images."""
+"""Random crops after padding and flips (cpsc_jax.training.augment), for real and synthetic images."""
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpsc_jax.augment import mixup, random_crop_flip
+from cpsc_jax.training.augment import mixup, random_crop_flip
 
 
 def images(n=6, size=5, channels=2):

@@ -1,4 +1,4 @@
-"""The benchmark harness (cpsc_jax/benchmark.py, cpsc-benchmark) and its PyTorch baseline
+"""The benchmark harness (cpsc_jax/tools/benchmark/__init__.py, cpsc-benchmark) and its PyTorch baseline
 (cpsc_jax.pytorch.dfkd). Fast: one tiny iteration of each framework."""
 import json
 import os
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpsc_jax import benchmark as bm
-from cpsc_jax import losses
+from cpsc_jax.tools import benchmark as bm
+from cpsc_jax.method import losses
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(REPO / "configs" / "mnist.py") + ":released", "--config.batch_size=8",

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_digits_config
-from cpsc_jax import checkpoint as ckpt_lib
-from cpsc_jax import runtime
+from cpsc_jax.infra import checkpoint as ckpt_lib
+from cpsc_jax.infra import runtime
 
 TINY = ["--config.batch_size=16", "--config.epochs=1", "--config.epoch_itrs=2",
         "--config.g_steps=1", "--config.s_steps=1", "--config.generator.nz=8",

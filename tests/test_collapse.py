@@ -1,10 +1,10 @@
-"""The collapsed-student check (cpsc_jax.collapse) and its place in a run's outputs."""
+"""The collapsed-student check (cpsc_jax.method.collapse) and its place in a run's outputs."""
 import json
 import os
 
 import numpy as np
 
-from cpsc_jax import collapse
+from cpsc_jax.method import collapse
 
 
 def test_one_class_taking_over_where_the_teacher_spreads_is_collapse():

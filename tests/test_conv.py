@@ -209,8 +209,8 @@ def test_conv_gradients_setting_selects_the_backward_pass(gradients, custom):
 def test_data_parallel_compiles_convolutions_off_ynnpack():
     """The data-parallel wrapper's executables keep convolutions off YNNPACK where this jaxlib
     supports it (seen in the optimised HLO); the benchmark's override puts them back."""
-    from cpsc_jax import runtime
-    from cpsc_jax.benchmark import YNN_CONVOLUTION_OPTIONS
+    from cpsc_jax.infra import runtime
+    from cpsc_jax.tools.benchmark import YNN_CONVOLUTION_OPTIONS
     from cpsc_jax.models.conv import XLA_CPU_CONV_OPTIONS, xla_cpu_conv_options, ynn_fusions
     options = xla_cpu_conv_options()
     if not options:

@@ -17,9 +17,9 @@ torch = pytest.importorskip("torch")
 import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cpsc_jax.checkpoint import load_model  # noqa: E402
+from cpsc_jax.infra.checkpoint import load_model  # noqa: E402
 from cpsc_jax.data import registry  # noqa: E402
-from cpsc_jax.convert import (ConversionError, convert_teacher,  # noqa: E402
+from cpsc_jax.teachers.convert import (ConversionError, convert_teacher,  # noqa: E402
                               export_student, flax_to_torch, load_torch_state_dict,
                               torch_to_flax)
 

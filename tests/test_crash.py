@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax.infra import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ n = int(n or 0)
 count = {"iteration": 0, "metrics": 0, "commit": 0}
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if kind in ("iteration", "sigterm"):
-    from cpsc_jax import runtime
+    from cpsc_jax.infra import runtime
     original = runtime.stop_if_requested
     def stop_if_requested(*args, **kwargs):
         count["iteration"] += 1
@@ -43,7 +43,7 @@ if kind in ("iteration", "sigterm"):
         original(*args, **kwargs)
     runtime.stop_if_requested = stop_if_requested
 if kind == "metrics":
-    from cpsc_jax import metrics
+    from cpsc_jax.infra import metrics
     write = metrics.JsonlWriter.write
     def torn_write(self, step, record):
         count["metrics"] += 1

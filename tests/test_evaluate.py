@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax.infra import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
-from cpsc_jax import evaluation as ev
+from cpsc_jax.training import evaluation as ev
 
 REPO = Path(__file__).resolve().parents[1]
 

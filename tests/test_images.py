@@ -1,8 +1,8 @@
-"""Sample grids (cpsc_jax.images): tiles where they belong, red frames, labels drawn, PNG."""
+"""Sample grids (cpsc_jax.infra.images): tiles where they belong, red frames, labels drawn, PNG."""
 import numpy as np
 from PIL import Image
 
-from cpsc_jax import images
+from cpsc_jax.infra import images
 
 
 def test_labelled_grid_places_tiles_frames_and_labels(tmp_path):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpsc_jax import losses
+from cpsc_jax.method import losses
 
 RNG = np.random.RandomState(0)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import run_iterations, tiny_digits_config
-from cpsc_jax import steps
+from cpsc_jax.method import steps
 
 
 @pytest.mark.skipif(jax.local_device_count() < 2, reason="needs 2 simulated devices (conftest)")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax.infra import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
 

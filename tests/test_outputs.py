@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_digits_config
-from cpsc_jax import metrics
-from cpsc_jax.train_state import student_schedule
+from conftest import run_iterations, tiny_digits_config
+from cpsc_jax.infra import metrics
+from cpsc_jax.method.optimizers import student_schedule
 
 
 def read_events(logdir):
@@ -40,7 +40,7 @@ def test_tensorboard_writer_writes_scalars_images_and_hyperparameters(tmp_path):
     tb.write_hparams(config)
     record = {"generator/loss": -1.5, "generator/teacher_agrees": 0.75, "student/kd": 0.25,
               "student_accuracy": None, "note": "skipped", "epoch": 1,
-              **metrics.learning_rates(config, 1)}
+              "lr/student": 0.1, "lr/generator": 1e-3}
     tb.write(3, record)
     grid = np.zeros((10, 12, 3), np.uint8)
     grid[2:4, 5:7] = 255
@@ -81,19 +81,23 @@ def test_tensorboard_resume_purges_repeated_steps_and_null_writer_is_silent(tmp_
     assert not metrics.summary_writer(str(tmp_path / "off"), enabled=False).enabled
 
 
-def test_learning_rates_follow_the_optimizers_schedules():
+def test_the_iteration_reports_the_learning_rates_of_the_optimizers_schedules():
     config = tiny_digits_config("released")   # per_epoch student schedule, warm-up 1 epoch of 2 iterations
-    lr = metrics.learning_rates
+    _, history = run_iterations(config, 1, n_iters=4, report_learning_rates=True)
     schedule = student_schedule(config, config.s_steps)
-    for iteration in (1, 2, 3, 4):
-        expected = float(schedule((iteration - 1) * config.s_steps))
-        assert lr(config, iteration)["lr/student"] == pytest.approx(expected)
-    assert lr(config, 1)["lr/student"] == pytest.approx(config.lr_student)   # epoch 1 of W=1
-    assert lr(config, 3)["lr/student"] < config.lr_student                   # cosine part
-    assert lr(config, 3)["lr/generator"] == config.lr_generator              # released: constant
+    for iteration, m in enumerate(history, start=1):
+        assert float(m["lr/student"]) == pytest.approx(float(schedule((iteration - 1) * config.s_steps)))
+        assert float(m["lr/generator"]) == pytest.approx(config.lr_generator)   # released: constant
+    assert float(history[0]["lr/student"]) == pytest.approx(config.lr_student)   # epoch 1 of W=1
+    assert float(history[2]["lr/student"]) < config.lr_student                   # cosine part
     config.generator_optimizer, config.generator_schedule = "persistent", "cosine"
-    assert lr(config, 1)["lr/generator"] == pytest.approx(config.lr_generator)
-    assert lr(config, 4)["lr/generator"] < config.lr_generator
+    _, history = run_iterations(config, 1, n_iters=4, report_learning_rates=True)
+    total = config.epochs * config.epoch_itrs * config.g_steps
+    for iteration, m in enumerate(history, start=1):
+        done = (iteration - 1) * config.g_steps
+        expected = config.lr_generator * 0.5 * (1 + np.cos(np.pi * done / total))
+        assert float(m["lr/generator"]) == pytest.approx(expected, rel=1e-5)
+    assert float(history[3]["lr/generator"]) < config.lr_generator
 
 
 def test_profile_window_traces_the_iterations_after_compilation(tmp_path):
@@ -121,7 +125,7 @@ def test_profile_window_traces_the_iterations_after_compilation(tmp_path):
 
 
 def test_profile_steps_is_a_validated_config_field():
-    from cpsc_jax.config_validation import ConfigError, validate_config
+    from cpsc_jax.config.validation import ConfigError, validate_config
     config = tiny_digits_config()
     assert config.profile_steps == 0
     config.profile_steps = 3
@@ -162,8 +166,8 @@ def test_exported_student_loads_strictly_and_predicts_like_flax(arch, tmp_path):
     largest logit difference is below 1e-6 of the largest logit for every architecture
     (6.8e-7 at most, wrn_40_2)."""
     torch = pytest.importorskip("torch")
-    from cpsc_jax.checkpoint import ModelSpec, save_model
-    from cpsc_jax.convert import export_student
+    from cpsc_jax.infra.checkpoint import ModelSpec, save_model
+    from cpsc_jax.teachers.convert import export_student
     from cpsc_jax.pytorch.models import get_model as torch_model
 
     channels = 1 if arch.startswith(("lenet", "small_cnn")) else 3
@@ -191,17 +195,20 @@ def test_exported_student_loads_strictly_and_predicts_like_flax(arch, tmp_path):
     assert error < 2e-5, f"{arch}: relative logit difference {error:.2e}"
 
 
-def test_fan_out_gives_every_writer_the_same_records(tmp_path):
-    jsonl = metrics.JsonlWriter(str(tmp_path / "m.jsonl"))
-    seen = []
-
-    class Sink:
-        def write(self, step, record):
-            seen.append((step, dict(record)))
-
-    out = metrics.FanOut(jsonl, Sink())
-    out.write(3, {"loss": 1.5})
-    out.write(4, {"loss": 1.0, "epoch": 1})
-    lines = [json.loads(l) for l in open(tmp_path / "m.jsonl")]
-    assert [l["loss"] for l in lines] == [1.5, 1.0] and [l["step"] for l in lines] == [3, 4]
+def test_one_writer_gives_jsonl_tensorboard_and_console_the_same_records(tmp_path):
+    lines = []
+    with metrics.create_default_writer(str(tmp_path), console=lines.append) as out:
+        tb = out.tensorboard
+        seen = []
+        tb.write = lambda step, record: seen.append((step, dict(record)))   # what TensorBoard gets
+        out.write(3, {"loss": 1.5}, line="iteration 3")
+        out.write(4, {"loss": 1.0, "epoch": 1})
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["loss"] for r in records] == [1.5, 1.0] and [r["step"] for r in records] == [3, 4]
     assert seen == [(3, {"loss": 1.5}), (4, {"loss": 1.0, "epoch": 1})]
+    assert lines == ["iteration 3"]
+    # Another process than the writer writes nothing, not even to the console.
+    quiet = metrics.create_default_writer(str(tmp_path / "other"), enabled=False,
+                                          console=lines.append)
+    quiet.write(5, {"loss": 0.5}, line="never shown")
+    assert lines == ["iteration 3"] and not (tmp_path / "other" / "metrics.jsonl").exists()

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from cpsc_jax import runtime, steps
-from cpsc_jax.checkpoint import ModelSpec, init_variables
-from cpsc_jax.convert import flax_to_torch
+from cpsc_jax.infra import runtime
+from cpsc_jax.method import steps
+from cpsc_jax.infra.checkpoint import ModelSpec, init_variables
+from cpsc_jax.teachers.convert import flax_to_torch
 
 torch = pytest.importorskip("torch")
 from cpsc_jax.pytorch import dfkd as torch_dfkd  # noqa: E402
-from cpsc_jax.pytorch.models import load_flax_variables  # noqa: E402
+from cpsc_jax.teachers.convert import load_flax_variables  # noqa: E402
 
 CASES = {
     # a ResNet pair, log-form IKD (CIFAR-10), the released double-softmax CE
@@ -270,7 +271,7 @@ def _per_epoch_lr(student_lr):
     (600, 0.1 * 0.5 * (1 + np.cos(np.pi * 590 / 600))),        # the last: 6.85e-5, not 0
 ])
 def test_student_learning_rate_is_the_released_per_epoch_staircase(epoch, expected):
-    from cpsc_jax.train_state import student_schedule
+    from cpsc_jax.method.optimizers import student_schedule
     config = load_config("cifar10")     # E = 600, W = 10, lr 0.1, 50 iterations x S_steps 5
     per_epoch = config.epoch_itrs * config.s_steps
     schedule = student_schedule(config, config.s_steps)

@@ -1,11 +1,11 @@
-"""Plots of runs (cpsc_jax.plots): real PNGs whose content follows the data."""
+"""Plots of runs (cpsc_jax.infra.plots): real PNGs whose content follows the data."""
 import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402
 
-from cpsc_jax import plots  # noqa: E402
+from cpsc_jax.infra import plots   # noqa: E402
 
 
 def history(accs, agreement=0.9, k=10):

@@ -11,9 +11,9 @@ import os
 import pytest
 
 from conftest import REPO, load_config
-from cpsc_jax import ablation
-from cpsc_jax.config_defaults import PRESETS, apply_preset, get_field
-from cpsc_jax.config_validation import ConfigError, validate_config
+from cpsc_jax.tools import ablation
+from cpsc_jax.config.defaults import PRESETS, apply_preset, get_field
+from cpsc_jax.config.validation import ConfigError, validate_config
 
 DISTILLATION_CONFIGS = ["cifar10", "cifar100", "svhn", "tiny_imagenet", "digits", "mnist"]
 

@@ -1,11 +1,11 @@
-"""The replay memory of the student phase (cpsc_jax.replay, config.student_data='replay')."""
+"""The replay memory of the student phase (cpsc_jax.method.replay, config.student_data='replay')."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import run_iterations, tiny_digits_config
-from cpsc_jax import replay, steps
+from cpsc_jax.method import replay, steps
 
 
 def replay_config(**overrides):
@@ -98,7 +98,7 @@ def test_fresh_plus_replay_trains_on_both_and_stores_every_fresh_batch():
     _, y = steps.sample_conditioning(key, c, 0, 1)
     np.testing.assert_array_equal(state.memory.labels[32:48], np.asarray(y))
     c_bad = replay_config(student_data="fresh+replay", replay_batch=3)
-    from cpsc_jax.config_validation import validate_config
+    from cpsc_jax.config.validation import validate_config
     with pytest.raises(ValueError, match="replay_batch must be 0"):
         validate_config(c_bad, num_devices=2)
 
@@ -127,7 +127,7 @@ def test_student_gradient_clipping_bounds_the_first_update():
     """With clipping, SGD's first step (no momentum yet) moves the student by at most
     lr * (clip + weight decay * |w|)."""
     import optax
-    from cpsc_jax.train_state import student_optimizer
+    from cpsc_jax.method.optimizers import student_optimizer
     c = replay_config(student_data="fresh")
     c.student_grad_clip = 0.5
     c.weight_decay = 0.0

@@ -13,14 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax.infra import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
-from cpsc_jax import runtime
-from cpsc_jax import teacher_training as tt
-from cpsc_jax.config_defaults import teacher_config
-from cpsc_jax.config_validation import ConfigError
-from cpsc_jax.evaluation import accuracy
-from cpsc_jax.train_state import TrainState
+from cpsc_jax.infra import runtime
+from cpsc_jax.teachers import training as tt
+from cpsc_jax.config.defaults import teacher_config
+from cpsc_jax.config.validation import ConfigError
+from cpsc_jax.training.evaluation import accuracy
+from cpsc_jax.training.state import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,7 +224,7 @@ def test_teacher_config_for_every_dataset(arg):
 def test_a_stop_mid_epoch_saves_that_step_and_resumes_bit_identically(tmp_path):
     """Ctrl-C / SIGTERM inside an epoch keeps the steps done (not the last epoch's end), with
     the epoch's running sums, and the re-run ends where an uninterrupted run does."""
-    from cpsc_jax import runtime
+    from cpsc_jax.infra import runtime
     cfg = digits_config(epochs=2, log_every_s=0.0, steps_per_call=1)
     straight = tt.train_teacher(cfg, str(tmp_path / "a"), log=lambda *_: None)
     _, reference = ckpt_lib.load_model(straight)

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SHARED_DATA, load_config, tiny_digits_config
-from cpsc_jax import checkpoint as ckpt_lib
+from cpsc_jax.infra import checkpoint as ckpt_lib
 from cpsc_jax import data as data_lib
-from cpsc_jax import evaluation
-from cpsc_jax.checkpoint import init_variables
-from cpsc_jax.config_validation import ConfigError, validate_config, validate_teacher
-from cpsc_jax.teacher import Teacher, load_teacher, resolve_teacher
-from cpsc_jax.trainer import NonFiniteLossError, train_and_evaluate
+from cpsc_jax.training import evaluation
+from cpsc_jax.infra.checkpoint import init_variables
+from cpsc_jax.config.validation import ConfigError, validate_config, validate_teacher
+from cpsc_jax.teachers.teacher import Teacher, load_teacher
+from cpsc_jax.teachers.training import resolve_teacher
+from cpsc_jax.method.trainer import NonFiniteLossError, train_and_evaluate
 
 quiet = lambda *a: None
 
@@ -259,7 +260,7 @@ def test_a_collapsed_student_is_reported_in_the_log_metrics_and_results(tmp_path
 
 def test_a_run_says_it_compiles_and_warns_once_when_it_would_take_hours(tmp_path, monkeypatch,
                                                                         digits_teacher_model):
-    from cpsc_jax import trainer
+    from cpsc_jax.method import trainer
     monkeypatch.setattr(trainer, "LONG_RUN_S", 0.0)   # any remaining time counts as long
     config = tiny_digits_config()
     config.epochs, config.epoch_itrs, config.log_every = 3, 2, 100
@@ -278,7 +279,7 @@ def test_resuming_or_reopening_a_run_with_another_teacher_is_refused(tmp_path,
 
     import jax
 
-    from cpsc_jax.teacher import TeacherChanged
+    from cpsc_jax.teachers.teacher import TeacherChanged
     config = tiny_digits_config()
     workdir = str(tmp_path / "run")
     train_and_evaluate(config, workdir, digits_teacher_model, log=quiet, stop_after_epochs=1)

@@ -20,9 +20,10 @@ def define(F):
 
 
 def run(F, argv) -> int:
-    from cpsc_jax import ablation, runtime
-    from cpsc_jax.teacher import resolve_teacher
-    from cpsc_jax.trainer import train_and_evaluate
+    from cpsc_jax.tools import ablation
+    from cpsc_jax.infra import runtime
+    from cpsc_jax.teachers.training import resolve_teacher
+    from cpsc_jax.method.trainer import train_and_evaluate
     grid = ablation.load_grid(F.grid)
     workdir = runtime.prepare_workdir(F.workdir)
     config = F.config.copy_and_resolve_references()

@@ -9,7 +9,7 @@ PyTorch.
     cpsc-benchmark --config cifar10 --analysis      # FLOPs and compiled memory, nothing run
 
 Random teacher/student/generator weights (timing does not depend on them). The JAX side runs
-the project's pmapped iteration (cpsc_jax.steps) over all local devices; the PyTorch side
+the project's pmapped iteration (cpsc_jax.method.steps) over all local devices; the PyTorch side
 (cpsc_jax.pytorch.dfkd) runs the same networks, shapes and batch on one device (fp16 autocast on CUDA, fp32 on
 CPU). Prints progress and a summary; the last line is one JSON object (jax_ms_per_iter,
 torch_ms_per_iter, speedup_vs_torch, device, FLOPs, MFU, compile time, memory, ...).
@@ -36,7 +36,7 @@ def define(F):
                       "the released code).", flag_values=F)
     flags.DEFINE_bool("xla_cpu_tuned", False,
                       "Append the XLA:CPU flags found faster for this workload "
-                      "(cpsc_jax.benchmark.CPU_TUNED_XLA_FLAGS) to XLA_FLAGS, process-wide. The "
+                      "(cpsc_jax.tools.benchmark.CPU_TUNED_XLA_FLAGS) to XLA_FLAGS, process-wide. The "
                       "data-parallel functions already compile with the same setting per "
                       "executable; kept for older commands.", flag_values=F)
     flags.DEFINE_enum("omp_wait_policy", "default", ["default", "passive"],
@@ -66,7 +66,7 @@ def define(F):
 
 
 def run(F, argv) -> int:
-    from cpsc_jax import benchmark as bm   # after flag parsing; no backend is initialised yet
+    from cpsc_jax.tools import benchmark as bm   # after flag parsing; no backend is initialised yet
     if F.xla_cpu_tuned:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                                    + bm.CPU_TUNED_XLA_FLAGS).strip()

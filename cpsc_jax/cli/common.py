@@ -76,18 +76,18 @@ def define_distributed_flags(flag_values) -> None:
 
 
 def start_distributed(F) -> None:
-    from cpsc_jax import runtime
+    from cpsc_jax.infra import runtime
     runtime.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id,
                                    auto=F.distributed == "auto")
 
 
 class _Interrupts:
-    """SIGINT sets a flag the training loops poll (`cpsc_jax.runtime.stop_requested`); a
+    """SIGINT sets a flag the training loops poll (`cpsc_jax.infra.runtime.stop_requested`); a
     second one raises KeyboardInterrupt at once. Unlike Python's default handler nothing is
     raised inside a C callback, where an exception would be swallowed."""
 
     def __init__(self):
-        from cpsc_jax import runtime
+        from cpsc_jax.infra import runtime
         self._runtime = runtime
 
     def __call__(self, signum, frame):
@@ -174,7 +174,7 @@ def main(define: Callable[[flags.FlagValues], None],
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         _fail(e)
     except KeyboardInterrupt:
-        from cpsc_jax import runtime
+        from cpsc_jax.infra import runtime
         where = workdir_hint(F)
         hint = (f"; re-run the same command to continue from what {where} holds (said above)"
                 if where else "")
@@ -203,7 +203,7 @@ def print_help(F: flags.FlagValues, doc: str, full: bool = False) -> int:
     print("flags:")
     print(F.get_help(include_special_flags=full))
     print("\nEvery field of the config can be overridden: --config.batch_size=64, "
-          "--config.loss.alpha=0.1 (dotted names; see cpsc_jax/config_defaults.py).")
+          "--config.loss.alpha=0.1 (dotted names; see cpsc_jax/config/defaults.py).")
     if full:
         print("\nabsl flags:\n" + flags.FLAGS.get_help(include_special_flags=True))
     return 0

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from cpsc_jax.convert import DATASETS, convert_teacher
+from cpsc_jax.teachers.convert import DATASETS, convert_teacher
 from cpsc_jax.errors import UserError
 
 

@@ -14,12 +14,11 @@ per_class_accuracy, ...).
 """
 import argparse
 import json
-import os
 import sys
 
 from cpsc_jax.data import available_datasets
 from cpsc_jax.errors import UserError
-from cpsc_jax.evaluation import evaluate_checkpoint
+from cpsc_jax.training.evaluation import evaluate_checkpoint
 
 
 def main(argv=None) -> int:

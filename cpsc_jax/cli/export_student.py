@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from cpsc_jax.convert import export_student
+from cpsc_jax.teachers.convert import export_student
 from cpsc_jax.errors import UserError
 
 

@@ -20,17 +20,10 @@ def define(F):
 
 
 def run(F, argv) -> int:
-    from cpsc_jax import runtime
-    from cpsc_jax.config_validation import validate_config
-    from cpsc_jax.teacher import resolve_teacher
-    from cpsc_jax.trainer import train_and_evaluate
-    config = F.config
-    topo = runtime.topology()
-    validate_config(config, topo.num_devices)
-    workdir = runtime.prepare_workdir(F.workdir)
-    log = print if topo.is_writer else (lambda *_: None)
-    teacher = resolve_teacher(config, workdir, log)
-    train_and_evaluate(config, workdir, teacher, log=log, stop_after_epochs=F.stop_after_epochs)
+    from cpsc_jax.infra import runtime
+    from cpsc_jax.method.trainer import train_and_evaluate
+    log = print if runtime.topology().is_writer else (lambda *_: None)
+    train_and_evaluate(F.config, F.workdir, None, log=log, stop_after_epochs=F.stop_after_epochs)
     return 0
 
 

@@ -19,8 +19,8 @@ def define(F):
 
 
 def run(F, argv) -> int:
-    from cpsc_jax import runtime
-    from cpsc_jax.teacher_training import train_teacher
+    from cpsc_jax.infra import runtime
+    from cpsc_jax.teachers.training import train_teacher
     config = F.config
     if "arch" not in config or "loss" in config:
         from cpsc_jax.errors import UserError

@@ -5,7 +5,7 @@ returns logits, or `(logits, feature)` with `features=True` (the pooled, un-norm
 
 A user's architecture joins the registry with `register_model(name, constructor)`, where
 `constructor(num_classes, axis_name=None, dtype=None)` returns a module following that protocol
-(any Flax classifier does once wrapped: `cpsc_jax.flax_wrap.FlaxClassifier`). Registered names
+(any Flax classifier does once wrapped: `cpsc_jax.teachers.flax_wrap.FlaxClassifier`). Registered names
 work wherever a built-in one does: configs, checkpoints (`model.json` records the name; register
 it again before loading), export. The command-line tools see them when the registering module is
 imported first: list such modules in the environment variable `CPSC_JAX_MODELS` (comma-separated
@@ -87,8 +87,8 @@ def _forget_cached(name: str) -> None:
     # Shape caches keyed by name would otherwise describe the previous network.
     for key in [k for k in _MIN_SIZE if k[0] == name]:
         del _MIN_SIZE[key]
-    for module, function in (("cpsc_jax.checkpoint", "_compiled_init"),
-                             ("cpsc_jax.convert", "_layout")):
+    for module, function in (("cpsc_jax.infra.checkpoint", "_compiled_init"),
+                             ("cpsc_jax.teachers.convert", "_layout")):
         cached = getattr(sys.modules.get(module), function, None)
         if cached is not None:
             cached.cache_clear()

@@ -37,7 +37,7 @@ colour images, a generator's last) are where XLA:CPU's convolution kernels fall 
 dW stays a convolution (per-offset products and reductions measured slower, 2-5x).
 
 `xla_cpu_conv_options()` are the XLA:CPU compiler options that keep these convolutions on
-XLA's own kernels instead of YNNPACK; `cpsc_jax.runtime.data_parallel` compiles with them.
+XLA's own kernels instead of YNNPACK; `cpsc_jax.infra.runtime.data_parallel` compiles with them.
 """
 import functools
 import re
@@ -281,7 +281,7 @@ conv_general_dilated = _CONV_FUNCTIONS["auto"]   # today's default, for direct c
 # By default XLA:CPU (jaxlib 0.10.2) hands each convolution, each dot and reductions to YNNPACK
 # (`xla_cpu_experimental_ynn_fusion_type` = REDUCE, INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION, as
 # its optimised HLO shows). YNNPACK's weight-gradient convolutions are 3-6x slower than XLA's
-# own (Eigen) ones on this workload (cpsc_jax.benchmark.CPU_TUNED_XLA_FLAGS; docs/RESULTS.md).
+# own (Eigen) ones on this workload (cpsc_jax.tools.benchmark.CPU_TUNED_XLA_FLAGS; docs/RESULTS.md).
 # The XLA_FLAGS spelling `-individual_convolution` removes
 # convolutions from that list; a compiler option cannot say "minus" and sets the whole list,
 # so it names the rest (`_takes_convs_off_ynnpack` checks that it leaves everything else as

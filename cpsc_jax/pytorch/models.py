@@ -1,6 +1,6 @@
 """PyTorch definitions of every registered architecture (NCHW), in the converter's key layout.
 
-A student exported by `cpsc_jax.convert.export_student` loads into `get_model(arch, K)` with
+A student exported by `cpsc_jax.teachers.convert.export_student` loads into `get_model(arch, K)` with
 `load_state_dict(strict=True)`; a teacher with these keys converts with `convert_teacher`.
 Every classifier's `forward(x, features=False)` returns logits, or `(logits, feature)` with the
 pooled, un-normalised feature, like the Flax networks.
@@ -306,20 +306,3 @@ def feature_dim(model: nn.Module, image_size: int, channels: int) -> int:
         _, f = model(torch.zeros(1, channels, image_size, image_size, dtype=p.dtype), features=True)
     model.train(was_training)
     return f.shape[1]
-
-
-def load_flax_variables(module: nn.Module, variables, strict: bool = True) -> nn.Module:
-    """Copies Flax `{"params", "batch_stats"}` of the same network into `module` (in its dtype),
-    through the converter's key mapping; returns the module."""
-    import numpy as np
-
-    from cpsc_jax.convert import flax_to_torch
-
-    current = module.state_dict()
-    state = {}
-    for key, value in flax_to_torch(variables, num_batches_tracked=True).items():
-        target = current.get(key)
-        dtype = target.dtype if target is not None else None
-        state[key] = torch.as_tensor(np.array(value)).to(dtype=dtype)
-    module.load_state_dict(state, strict=strict)
-    return module

@@ -8,6 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from cpsc_jax.config.validation import CE_FORMS
 from cpsc_jax.dtypes import at_least_float32
 
 
@@ -94,9 +95,6 @@ def two_view_supcon_loss(student_view, teacher_view, labels, temperature: float 
         student_view, teacher_view, labels = gather(student_view), gather(teacher_view), gather(labels)
     features = jnp.concatenate([student_view, teacher_view], axis=0)
     return supcon_loss(features, jnp.concatenate([labels, labels]), temperature, base_temperature)
-
-
-CE_FORMS = ("double_softmax", "plain", "disagreeing")
 
 
 def cross_entropy_loss(logits, labels, form: str):

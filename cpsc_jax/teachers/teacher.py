@@ -1,9 +1,9 @@
 """The teacher a distillation receives: a frozen classifier plus what the run must know of it.
 
-Distillation (`cpsc_jax.trainer`) never trains or finds its teacher; the caller hands it one:
+Distillation (`cpsc_jax.method.trainer`) never trains or finds its teacher; the caller hands it one:
 loaded from a model checkpoint (`load_teacher`: converted from PyTorch, trained by
-`cpsc_jax.teacher_training`, or a registered architecture of the user's), or any Flax module
-or apply function through `Teacher.from_flax` (see `cpsc_jax.flax_wrap`).
+`cpsc_jax.teachers.training`, or a registered architecture of the user's), or any Flax module
+or apply function through `Teacher.from_flax` (see `cpsc_jax.teachers.flax_wrap`).
 """
 import dataclasses
 import hashlib
@@ -13,8 +13,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from cpsc_jax import checkpoint as ckpt_lib
-from cpsc_jax import runtime
+from cpsc_jax.infra import checkpoint as ckpt_lib
+from cpsc_jax.infra import runtime
 from cpsc_jax.errors import UserError
 from cpsc_jax.models import get_model
 
@@ -48,7 +48,7 @@ class Teacher:
                   train_arg: Optional[str] = "train",
                   check_bn_moments: bool = True) -> "Teacher":
         """A teacher from any `flax.linen` classifier (or `apply_fn(variables, x)`) and its
-        variables, wrapped by `cpsc_jax.flax_wrap` (feature_layer, feature_fn, train_arg: see
+        variables, wrapped by `cpsc_jax.teachers.flax_wrap` (feature_layer, feature_fn, train_arg: see
         there). `input_shape` is (H, W, C) of the normalised input, `mean`/`std` the
         normalisation the teacher was trained with (one value or one per channel).
 
@@ -56,7 +56,7 @@ class Teacher:
         `batch_stats` and `check_bn_moments` is on, every BatchNorm input's moments must be
         seen (the BN-statistics term reads them); turn the check off only with loss.beta = 0.
         """
-        from cpsc_jax import flax_wrap
+        from cpsc_jax.teachers import flax_wrap
         classifier = flax_wrap.wrap(network, variables, feature_layer=feature_layer,
                                     feature_fn=feature_fn, train_arg=train_arg)
         variables = {k: v for k, v in dict(variables).items()
@@ -119,29 +119,6 @@ def load_teacher(path: str) -> Teacher:
     spec, variables = ckpt_lib.load_model(path)
     return Teacher(variables, spec.num_classes, spec.image_size, spec.channels, tuple(spec.mean),
                    tuple(spec.std), arch=spec.arch, path=path)
-
-
-def resolve_teacher(config, workdir: str, log: Callable[[str], None] = print) -> Teacher:
-    """The command line's teacher: `config.teacher.checkpoint` (which must exist), else
-    WORKDIR/teacher, trained there first when the config allows it
-    (`teacher.train_if_missing`, the embedded default)."""
-    import os
-
-    from cpsc_jax.config_validation import ConfigError
-    path = config.teacher.checkpoint or os.path.join(workdir, "teacher")
-    if ckpt_lib.is_model_checkpoint(path):
-        return load_teacher(path)
-    train_if_missing = config.teacher.get("train_if_missing", False)
-    if config.teacher.checkpoint:   # named explicitly: never trained somewhere else instead
-        raise ConfigError(f"config.teacher.checkpoint={path!r} is not a model checkpoint (no "
-                          "model.json): point it at the output of cpsc-convert-teacher or "
-                          "cpsc-train-teacher")
-    if not train_if_missing:
-        raise ConfigError("no teacher: set --config.teacher.checkpoint=DIR to a checkpoint written "
-                          "by cpsc-convert-teacher or cpsc-train-teacher")
-    from cpsc_jax.teacher_training import train_teacher
-    log(f"no teacher checkpoint at {path}: training {config.teacher.training.arch} first")
-    return load_teacher(train_teacher(config.teacher.training, workdir, log=log))
 
 
 TEACHER_RECORD = "teacher.json"

@@ -1,6 +1,7 @@
-"""What a run reports: metrics as JSON lines in the workdir, a console progress line with an
-ETA, TensorBoard event files (when tensorboardX, or torch with tensorboard, is installed) and an
-optional profiler trace of a few iterations."""
+"""What a run reports, through one `MetricWriter` (`create_default_writer`): metrics as JSON
+lines in the workdir, TensorBoard event files (when tensorboardX, or torch with tensorboard, is
+installed) and lines on the console; plus a progress line with an ETA and an optional profiler
+trace of a few iterations."""
 import json
 import math
 import os
@@ -64,18 +65,6 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-class FanOut:
-    """One `write(step, record)` for several writers (metrics.jsonl, TensorBoard): the records
-    are the same, so a run writes each once."""
-
-    def __init__(self, *writers):
-        self.writers = writers
-
-    def write(self, step: int, record: Dict[str, Any]) -> None:
-        for w in self.writers:
-            w.write(step, record)
-
-
 class Progress:
     """Iterations per second and ETA measured from the first iteration timed in this process
     (so compilation and a resumed run's earlier iterations do not distort them)."""
@@ -91,10 +80,15 @@ class Progress:
         if self.t0 is None:
             self.t0, self.i0 = time.time(), step
 
-    def line(self, step: int, text: str) -> str:
+    def format(self, step: int, text: str) -> str:
+        """The progress line of `step`: `text`, the rate and the ETA."""
         rate = (step - self.i0) / max(time.time() - self.t0, 1e-9) if self.t0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("inf")
-        msg = f"[{step:>6d}/{self.total}] {text} | {rate:.1f} it/s, ETA {format_duration(eta)}"
+        return f"[{step:>6d}/{self.total}] {text} | {rate:.1f} it/s, ETA {format_duration(eta)}"
+
+    def line(self, step: int, text: str) -> str:
+        """Emits (or prints) the progress line of `step`."""
+        msg = self.format(step, text)
         if self.enabled and self.emit is not None:
             self.emit(msg)
         elif self.enabled:
@@ -176,7 +170,7 @@ class TensorBoardWriter:
     def write_hparams(self, config, metrics: Sequence[str] = HPARAM_METRICS) -> None:
         """The config as hyper-parameters (HParams dashboard, paired with the scalar `metrics`)
         and as text (the whole config, readable)."""
-        from cpsc_jax.runtime import flatten_config
+        from cpsc_jax.infra.runtime import flatten_config
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
                 for k, v in flatten_config(config).items()}
         for summary in self._hparams(flat, {m: 0.0 for m in metrics}):
@@ -244,20 +238,52 @@ def summary_writer(logdir: str, resume_step: Optional[int] = None, enabled: bool
     return TensorBoardWriter(logdir, resume_step, backend)
 
 
-def learning_rates(config, iteration: int) -> Dict[str, float]:
-    """The learning rates in force during `iteration` (1-based) of a distillation run, from the
-    same schedules the optimizers use (cpsc_jax.train_state)."""
-    import optax
+# ------------------------------------------------------------------------------ one writer
 
-    from cpsc_jax.train_state import student_schedule
-    done = max(int(iteration) - 1, 0)
-    student = float(student_schedule(config, config.s_steps)(done * config.s_steps))
-    generator = float(config.lr_generator)
-    if config.generator_optimizer == "persistent" and config.generator_schedule == "cosine":
-        total = config.epochs * config.epoch_itrs * config.g_steps
-        generator = float(optax.cosine_decay_schedule(config.lr_generator, total)(
-            done * config.g_steps))
-    return {"lr/student": student, "lr/generator": generator}
+class MetricWriter:
+    """Every record of a run through one writer (as clu's `create_default_writer`): each
+    `write(step, record)` goes to the JSON lines file and to TensorBoard; `line`, when given, is
+    that record's console line."""
+
+    def __init__(self, jsonl: JsonlWriter, tensorboard, console: Optional[Callable[[str], None]]):
+        self.jsonl, self.tensorboard, self.console = jsonl, tensorboard, console
+
+    def write(self, step: int, record: Dict[str, Any], line: Optional[str] = None) -> None:
+        self.jsonl.write(step, record)
+        self.tensorboard.write(step, record)
+        if line is not None and self.console is not None:
+            self.console(line)
+
+    def write_image(self, step: int, tag: str, image) -> None:
+        self.tensorboard.write_image(step, tag, image)
+
+    def write_hparams(self, config) -> None:
+        self.tensorboard.write_hparams(config)
+
+    def flush(self) -> None:
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def create_default_writer(workdir: str, resume_step: Optional[int] = None, enabled: bool = True,
+                          console: Optional[Callable[[str], None]] = None,
+                          jsonl: str = "metrics.jsonl", tensorboard: Optional[str] = "tensorboard",
+                          step_key: str = "step") -> MetricWriter:
+    """WORKDIR/`jsonl`, WORKDIR/`tensorboard` (None: none) and `console`, resumed at
+    `resume_step` (None: a fresh run). Only the writing process writes (`enabled`)."""
+    tb = (summary_writer(os.path.join(workdir, tensorboard), resume_step, enabled)
+          if tensorboard else NullSummaryWriter("not asked for"))
+    return MetricWriter(JsonlWriter(os.path.join(workdir, jsonl), resume_step, enabled, step_key),
+                        tb, console if enabled else None)
 
 
 # ------------------------------------------------------------------------------ profiler

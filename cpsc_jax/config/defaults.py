@@ -23,7 +23,7 @@ Fields:
     student_data          "fresh" (released: every student step generates new images),
                           "replay" (student steps draw from the generator's last images) or
                           "fresh+replay" (a fresh batch plus replay_batch stored images;
-                          cpsc_jax.replay)
+                          cpsc_jax.method.replay)
     replay_size           images the replay memory holds, a ring (0: one epoch of generator
                           output, epoch_itrs * g_steps * batch_size)
     replay_batch          stored images per student step with "fresh+replay" (0: batch_size)
@@ -53,7 +53,7 @@ Fields:
                           device's own; running averages still averaged across devices)
     eval_batch_size, log_every, sample_columns
     log_conditioning      also log each generator term's pull on the class embeddings at every
-                          evaluation (cpsc_jax.diagnostics; costs a few seconds of compilation)
+                          evaluation (cpsc_jax.method.conditioning; costs a few seconds of compilation)
     profile_steps         N > 0: a jax.profiler trace of N iterations after the first (compiled)
                           one, into WORKDIR/profile (TensorBoard's profile plugin, Perfetto)
 """
@@ -139,7 +139,7 @@ def data_config(dataset: str) -> ml_collections.ConfigDict:
 
 
 def teacher_config(dataset: str, arch: str = "", **overrides) -> ml_collections.ConfigDict:
-    """A teacher-training run (cpsc_jax.teacher_training) on `dataset`'s train split.
+    """A teacher-training run (cpsc_jax.teachers.training) on `dataset`'s train split.
 
     Fields: arch, data (see data_config), mean/std (the dataset's normalisation), batch_size
     (global), epochs, lr, momentum, weight_decay, crop_padding (random crop after zero

@@ -24,7 +24,7 @@ Limits: BatchNorm layers inside lifted transforms (`nn.scan`, `nn.remat`, `nn.vm
 seen; the user's module gets no dropout RNG (distillation runs it deterministically); a module
 declaring an `axis_name` (or `dtype`) field receives the run's device axis (or compute dtype),
 otherwise its own `nn.BatchNorm` layers use per-device batch statistics in a multi-device
-student (set their `axis_name` to `cpsc_jax.runtime.AXIS` for global ones).
+student (set their `axis_name` to `cpsc_jax.infra.runtime.AXIS` for global ones).
 """
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple

@@ -1,7 +1,7 @@
 """The loss of each phase (docs/method.md, sections 3 and 4): which terms, with which weights.
 
 `generator_objective` and `student_objective` are the one place where the terms of
-`cpsc_jax.losses` are composed; the step functions (`cpsc_jax.steps`), the benchmark and the
+`cpsc_jax.method.losses` are composed; the step functions (`cpsc_jax.method.steps`), the benchmark and the
 conditioning diagnostics all go through them. Each returns the weighted contributions by name
 (the loss is their sum) and the raw terms for logging, so another generator objective is a
 change here only.
@@ -13,10 +13,9 @@ A weight of 0 removes the term from the computation.
 """
 from typing import Any, Dict, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 
-from cpsc_jax import losses
+from cpsc_jax.method import losses
 from cpsc_jax.dtypes import at_least_float32
 from cpsc_jax.models import BN_MOMENTS
 

@@ -1,5 +1,5 @@
-"""The training runtime shared by distillation (`cpsc_jax.trainer`) and teacher training
-(`cpsc_jax.teacher_training`): processes and devices, the data-parallel step wrapper, the run
+"""The training runtime shared by distillation (`cpsc_jax.method.trainer`) and teacher training
+(`cpsc_jax.teachers.training`): processes and devices, the data-parallel step wrapper, the run
 directory (lock, recorded config, resume check, elapsed time), the non-finite guard and
 periodic actions.
 
@@ -23,7 +23,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import jax
 import numpy as np
@@ -371,10 +371,11 @@ def check_run_config(workdir: str, config, harmless: Iterable[str], extendable: 
 
 class Elapsed:
     """Wall time of a run across invocations, killed ones included: the total so far is kept in
-    WORKDIR/elapsed.json, refreshed at every `tick` (each progress line)."""
+    WORKDIR/`name`, refreshed at every `tick` (each progress line)."""
 
-    def __init__(self, workdir: str, fresh: bool, enabled: bool = True):
-        self.path = os.path.join(workdir, "elapsed.json")
+    def __init__(self, workdir: str, fresh: bool, enabled: bool = True,
+                 name: str = "elapsed.json"):
+        self.path = os.path.join(workdir, name)
         self.enabled = enabled
         self.prior = 0.0
         if not fresh and os.path.isfile(self.path):

@@ -1,5 +1,5 @@
 """The CPSC-DFKD iteration: G_steps generator steps then S_steps student steps (docs/method.md
-§4), in one jitted, pmapped function (`cpsc_jax.runtime.data_parallel`): one dispatch per
+§4), in one jitted, pmapped function (`cpsc_jax.infra.runtime.data_parallel`): one dispatch per
 iteration, no host sync inside.
 
 Train state goes in and out unreplicated (`in_axes=None`, `out_axes=None`); each device draws its
@@ -17,13 +17,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cpsc_jax import objectives, replay, runtime
-from cpsc_jax.augment import mixup, random_crop_flip
+from cpsc_jax.method import objectives, replay
+
+from cpsc_jax.infra import runtime
+from cpsc_jax.training.augment import mixup, random_crop_flip
 from cpsc_jax.dtypes import at_least_float32
 from cpsc_jax.models import ConditionalGenerator, FeatureAdapter, get_model
 from cpsc_jax.models.layers import LayerOptions, with_options
-from cpsc_jax.train_state import (TrainState, adapter_optimizer, generator_optimizer,
-                                  student_optimizer)
+from cpsc_jax.training.state import TrainState
+from cpsc_jax.method.optimizers import (adapter_optimizer, generator_optimizer,
+                                       generator_schedule, student_optimizer, student_schedule)
 
 AXIS = runtime.AXIS
 
@@ -50,7 +53,7 @@ class DistillState:
 
 def build_networks(config, teacher, feature_dims: Optional[Tuple[int, int]] = None,
                    axis_name: Optional[str] = AXIS) -> Networks:
-    """Networks for distillation; `teacher` is a `cpsc_jax.teacher.Teacher` or a registry name.
+    """Networks for distillation; `teacher` is a `cpsc_jax.teachers.teacher.Teacher` or a registry name.
     `feature_dims` = (student, teacher) feature widths; an adapter is added when they differ."""
     dtype = jnp.bfloat16 if config.mixed_precision else None
     options = LayerOptions.from_config(config)   # conv gradients, BatchNorm sync
@@ -242,14 +245,17 @@ def phase_keys(rng, step, phase: str, num_steps: int):
 
 
 def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool = True,
-                         g_steps: Optional[int] = None, s_steps: Optional[int] = None):
+                         g_steps: Optional[int] = None, s_steps: Optional[int] = None,
+                         report_learning_rates: bool = False):
     """Returns `iteration(state, teacher_vars, device_ids) -> (state, metrics)`, pmapped over
     all `num_devices` devices of all processes.
 
     `device_ids` is `Topology.device_ids()` (pmap's mapped argument). One iteration runs
     `g_steps` generator steps then `s_steps` student steps (default: the config's; 0 skips a
     phase, which is how the benchmark times each phase alone). Metrics are means over the steps
-    of each phase, prefixed `generator/` and `student/`.
+    of each phase, prefixed `generator/` and `student/`; with `report_learning_rates`, also
+    `lr/generator` and `lr/student`: the rates of the iteration's first step of each network,
+    from the optimizers' own schedules at the states' step counts.
     """
     if config.batch_size % num_devices:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {num_devices} devices")
@@ -257,12 +263,17 @@ def make_train_iteration(nets: Networks, config, num_devices: int, donate: bool 
     counts = {"generator": config.g_steps if g_steps is None else g_steps,
               "student": config.s_steps if s_steps is None else s_steps}
     step_fns = {"generator": generator_step, "student": student_step}
+    schedules = {"generator": generator_schedule(config),
+                 "student": student_schedule(config, config.s_steps)}
 
     def iteration(state: DistillState, teacher_vars, device_ids):
         del device_ids   # pmap's mapped argument; the global index comes from the axis
         device_index = jax.lax.axis_index(AXIS)
         carry = (state.generator, state.student, state.adapter, state.memory)
         metrics = {}
+        if report_learning_rates:
+            metrics["lr/generator"] = schedules["generator"](state.generator.step)
+            metrics["lr/student"] = schedules["student"](state.student.step)
         for phase in PHASES:
             if not counts[phase]:
                 continue

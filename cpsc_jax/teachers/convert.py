@@ -3,7 +3,7 @@
     load_torch_state_dict(path)               .pt/.pth/.th -> {pytorch key: numpy array}
     torch_to_flax(state_dict, arch, K)        -> {"params": ..., "batch_stats": ...}
     flax_to_torch(variables)                  -> {pytorch key: numpy array} (PyTorch layouts)
-    convert_teacher(input, output, arch, K)   writes a model checkpoint (cpsc_jax.checkpoint)
+    convert_teacher(input, output, arch, K)   writes a model checkpoint (cpsc_jax.infra.checkpoint)
     export_student(checkpoint, output)        writes a PyTorch state_dict (+ a side JSON)
 
 Naming rule (the networks in cpsc_jax.models are built for it): a PyTorch key is its module path
@@ -236,7 +236,7 @@ def expected_torch_layout(arch: str, num_classes: int, image_size: int = 32,
 
 @functools.lru_cache(maxsize=64)
 def _layout(arch: str, num_classes: int, image_size: int, channels: int):
-    from cpsc_jax.checkpoint import ModelSpec  # local: keeps this module import-light
+    from cpsc_jax.infra.checkpoint import ModelSpec  # local: keeps this module import-light
     spec = ModelSpec(arch, num_classes, image_size, channels, (0.0,) * channels,
                      (1.0,) * channels)
     abstract = spec.abstract_variables()
@@ -376,6 +376,20 @@ def flax_to_torch(variables: Mapping[str, Any],
 # Whole-checkpoint operations (what the scripts call)
 # --------------------------------------------------------------------------------------------
 
+def load_flax_variables(module, variables, strict: bool = True):
+    """Copies Flax `{"params", "batch_stats"}` of the same network into `module` (in its dtype),
+    through the converter's key mapping; returns the module."""
+    torch = _import_torch()
+    current = module.state_dict()
+    state = {}
+    for key, value in flax_to_torch(variables, num_batches_tracked=True).items():
+        target = current.get(key)
+        dtype = target.dtype if target is not None else None
+        state[key] = torch.as_tensor(np.array(value)).to(dtype=dtype)
+    module.load_state_dict(state, strict=strict)
+    return module
+
+
 def default_channels(arch: str) -> int:
     return 1 if arch.startswith("lenet") else 3
 
@@ -438,7 +452,7 @@ def convert_teacher(input: str, output: str, arch: str, num_classes: int, mean=N
                     dataset: Optional[str] = None):
     """Converts a PyTorch checkpoint to a cpsc-jax model checkpoint directory; returns
     (spec, variables). The result is what `--config.teacher.checkpoint=DIR` expects."""
-    from cpsc_jax.checkpoint import ModelSpec, save_model
+    from cpsc_jax.infra.checkpoint import ModelSpec, save_model
     from cpsc_jax.models import available_models
     if arch not in available_models():  # before reading the file: the cheap error first
         raise ConversionError(f"unknown model {arch!r}; valid names: "
@@ -466,7 +480,7 @@ def export_student(checkpoint: str, output: str, meta_json: Optional[str] = "aut
     size, channels, mean, std, and under "pytorch" the class to import and the lines that load
     the state_dict); None writes none. Returns (spec, state_dict of numpy arrays).
     """
-    from cpsc_jax.checkpoint import load_model
+    from cpsc_jax.infra.checkpoint import load_model
     torch = _import_torch()
     spec, variables = load_model(checkpoint)
     arrays = flax_to_torch(variables, num_batches_tracked=num_batches_tracked)
@@ -503,7 +517,7 @@ def pytorch_loading(spec, state_dict_file: str) -> Dict[str, Any]:
         return {"class": None,
                 "note": f"{spec.arch!r} has no PyTorch definition in cpsc_jax.pytorch.models; "
                         "load the state_dict into a module with the same keys (see "
-                        "cpsc_jax.convert for the key and layout rules)"}
+                        "cpsc_jax.teachers.convert for the key and layout rules)"}
     net = torch_models.get_model(spec.arch, spec.num_classes, spec.channels)
     build = f"get_model({spec.arch!r}, {spec.num_classes}, channels={spec.channels})"
     return {

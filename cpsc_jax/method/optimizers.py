@@ -1,15 +1,6 @@
-"""Train states and optimizers of the student and the generator."""
-from typing import Any
-
+"""The optimizers and learning-rate schedules of the student, the generator and the adapter."""
 import jax.numpy as jnp
 import optax
-from flax.training import train_state
-
-
-class TrainState(train_state.TrainState):
-    """A Flax TrainState that also carries the network's BatchNorm running averages."""
-
-    batch_stats: Any = None
 
 
 def student_schedule(config, steps_per_iteration: int):
@@ -56,13 +47,22 @@ def student_optimizer(config, steps_per_iteration: int):
                                  momentum=config.momentum))
 
 
+def generator_schedule(config):
+    """The generator's learning rate as a function of its step count: constant, or cosine to 0
+    over the run with `generator_optimizer='persistent'` and `generator_schedule='cosine'`."""
+    if config.generator_optimizer == "persistent" and config.generator_schedule == "cosine":
+        return optax.cosine_decay_schedule(config.lr_generator,
+                                           config.epochs * config.epoch_itrs * config.g_steps)
+    return optax.constant_schedule(config.lr_generator)
+
+
 def generator_optimizer(config):
     """Adam(b1, b2). With `generator_optimizer='reset'` (the released behaviour) the step function
     re-initialises its state before every step and the rate stays constant; 'persistent' keeps
     the moments and follows `generator_schedule`."""
     lr = config.lr_generator
     if config.generator_optimizer == "persistent" and config.generator_schedule == "cosine":
-        lr = optax.cosine_decay_schedule(lr, config.epochs * config.epoch_itrs * config.g_steps)
+        lr = generator_schedule(config)
     return optax.adam(lr, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
 
 

@@ -21,9 +21,6 @@ import flax
 import jax
 import jax.numpy as jnp
 
-STUDENT_DATA = ("fresh", "replay", "fresh+replay")
-
-
 @flax.struct.dataclass
 class ReplayMemory:
     images: jax.Array     # [size, H, W, C], the generator's output (normalised input space)

@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, List, Optional
 import ml_collections
 import numpy as np
 
-from cpsc_jax import config_defaults
-from cpsc_jax.config_validation import ConfigError
+from cpsc_jax.config import defaults as config_defaults
+from cpsc_jax.config.validation import ConfigError
 
 COLUMNS = (  # (key in a run's summary, table heading, format)
     ("student_accuracy", "student final %", "{:.2f}"),
@@ -159,7 +159,7 @@ def format_table(rows: List[Dict[str, Any]], seeds: int) -> str:
     lines.append("")
     lines.append(f"Mean ± sample standard deviation over {seeds} seed(s); 'teacher agrees' and "
                  "'diversity' are the generator's class faithfulness on the fixed probe set at "
-                 "the last evaluation (cpsc_jax.faithfulness).")
+                 "the last evaluation (cpsc_jax.method.faithfulness).")
     return "\n".join(lines) + "\n"
 
 

@@ -2,9 +2,11 @@
 import math
 
 from cpsc_jax.errors import UserError
-from cpsc_jax.losses import CE_FORMS
-
 from cpsc_jax.models import available_models
+
+# The choices of the string-valued fields that the method implements (losses.py, replay.py).
+CE_FORMS = ("double_softmax", "plain", "disagreeing")
+STUDENT_DATA = ("fresh", "replay", "fresh+replay")
 
 
 class ConfigError(UserError, ValueError):
@@ -48,7 +50,6 @@ def validate_config(config, num_devices: int = 1) -> None:
            f"config.student_schedule must be 'per_epoch' (released) or 'per_step', got {config.student_schedule!r}")
     _check(config.adapter_optimizer in ("frozen", "sgd"),
            f"config.adapter_optimizer must be 'frozen' (released) or 'sgd', got {config.adapter_optimizer!r}")
-    from cpsc_jax.replay import STUDENT_DATA
     _check(config.student_data in STUDENT_DATA,
            f"config.student_data must be 'fresh' (released), 'replay' or 'fresh+replay', got "
            f"{config.student_data!r}")
@@ -113,7 +114,7 @@ def validate_config(config, num_devices: int = 1) -> None:
 
 
 def validate_teacher(config, teacher) -> None:
-    """The teacher (a `cpsc_jax.teacher.Teacher`) must match the run: classes, input size and
+    """The teacher (a `cpsc_jax.teachers.teacher.Teacher`) must match the run: classes, input size and
     channels, BatchNorm when the BN-statistics term is on, finite weights."""
     _check(teacher.num_classes == config.num_classes,
            f"class count mismatch: the teacher has {teacher.num_classes} classes but "
@@ -148,7 +149,7 @@ def check_input_size(arch: str, num_classes: int, image_size: int, channels: int
 
 
 def validate_teacher_config(config, spec, num_train: int, topology) -> None:
-    """A teacher-training config against its data and devices (cpsc_jax.teacher_training)."""
+    """A teacher-training config against its data and devices (cpsc_jax.teachers.training)."""
     models = available_models()
     _check(config.arch in models,
            f"config.arch: unknown model {config.arch!r}; valid names: {', '.join(models)}")

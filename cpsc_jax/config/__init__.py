@@ -1,0 +1,1 @@
+"""The config schema: defaults and presets, and the one validation of a config."""

@@ -1,0 +1,1 @@
+"""Infrastructure: devices and processes, checkpoints, metrics writers, pictures."""

@@ -1,0 +1,1 @@
+"""The method: its losses, the pmapped iteration, the distillation loop and its measurements."""

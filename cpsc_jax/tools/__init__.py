@@ -1,0 +1,1 @@
+"""Tools around the method: ablation sweeps, diagnostics, benchmarks."""

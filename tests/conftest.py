@@ -1,8 +1,22 @@
-"""Test setup: two simulated CPU devices (set before JAX is imported) and tiny shared configs."""
+"""Test setup: two simulated CPU devices (set before JAX is imported), one compilation cache for
+the session, and tiny shared configs."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=2").strip()
+
+# One persistent XLA compilation cache for the whole session, the tests' subprocesses included
+# (they inherit the environment): the tiny configs compile the same programs in many tests and
+# in every restarted run. A fresh directory per session, so no run sees another's entries.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="cpsc_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
@@ -11,6 +25,12 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def without_compilation_cache(env):
+    """`env` for a subprocess that must compile for real (a test of what happens meanwhile)."""
+    return {k: v for k, v in env.items() if not k.startswith(("JAX_COMPILATION_CACHE",
+                                                                "JAX_PERSISTENT_CACHE"))}
 
 
 def load_config(name: str, *args):

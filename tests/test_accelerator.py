@@ -103,6 +103,7 @@ STANDARD_FORM = "[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]"
 CONV_GRADIENTS_TOLERANCE = {"metrics": 3e-5, "tensors": 3e-5}
 
 
+@pytest.mark.slow
 @two_devices
 def test_stock_and_custom_conv_gradients_agree_over_an_iteration():
     """The GPU path (lax's own conv gradients, config.conv_gradients="stock") forced on CPU
@@ -155,6 +156,7 @@ def test_layer_options_are_validated_and_threaded():
 MIXED_PRECISION_TOLERANCE = {"metrics": 7e-3, "tensors": 3e-2}
 
 
+@pytest.mark.slow
 @two_devices
 def test_mixed_precision_iteration_stays_close_to_float32():
     fp32_state, fp32_metrics = run_iterations(_tiny())
@@ -297,6 +299,7 @@ def test_iteration_and_teacher_step_export_for_cuda_and_tpu(gradients):
     assert exported.nr_devices == 2
 
 
+@pytest.mark.slow
 @two_devices
 def test_exported_iteration_runs_like_the_iteration_on_cpu():
     """Exported for cpu too, the exported iteration computes what the iteration does."""
@@ -381,6 +384,7 @@ def _iteration_all_reduces(config, monkeypatch=None, old_moments=False):
 BN_LAYER_DIRECTIONS = 30
 
 
+@pytest.mark.slow
 @two_devices
 def test_iteration_all_reduce_counts(monkeypatch):
     """Counts all-reduces in the iteration (2 devices; a scan body counts once): fused moments
@@ -420,6 +424,7 @@ def test_local_bn_normalises_per_device_and_keeps_running_averages_identical():
     assert not np.allclose(np.asarray(y), np.asarray(y_global), atol=1e-2)
 
 
+@pytest.mark.slow
 @two_devices
 def test_local_bn_iteration_on_one_device_equals_global():
     one_local, m_local = run_iterations(_tiny(bn_sync="local"), num_devices=1)

@@ -162,6 +162,7 @@ def test_bn_moments_are_global_across_devices_and_apply_functions_work(stock_tea
     jax.tree.map(np.testing.assert_array_equal, ca, cb)
 
 
+@pytest.mark.slow
 def test_distill_stock_teacher_with_eval_data(stock_teacher, digits_test, tmp_path):
     model, variables = stock_teacher
     config = tiny_config()
@@ -187,6 +188,7 @@ def test_distill_stock_teacher_with_eval_data(stock_teacher, digits_test, tmp_pa
     assert os.path.isfile(tmp_path / "run" / "samples" / "epoch_0001.png")
 
 
+@pytest.mark.slow
 def test_distill_data_free_into_a_user_student_module(stock_teacher, tmp_path, capsys):
     model, variables = stock_teacher
     student = StockCNN(width=4)

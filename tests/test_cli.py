@@ -230,6 +230,7 @@ def test_train_bad_workdir_and_config_file(tmp_path, capsys, bad_files, digits_t
     assert_one_line_error(code, err, "missing --workdir")
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused_and_harmless_changes_warn(tmp_path, capsys,
                                                                          digits_teacher):
     args = _train_args(tmp_path, digits_teacher)

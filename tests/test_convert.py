@@ -189,7 +189,7 @@ def torch_model(arch, num_classes):
     if arch in ("resnet18", "resnet34"):
         blocks = (2, 2, 2, 2) if arch == "resnet18" else (3, 4, 6, 3)
         return TorchCifarResNet(blocks, (64, 128, 256, 512), (1, 2, 2, 2), False, num_classes)
-    if arch in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110"):
+    if arch in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"):
         n = (int(arch[6:]) - 2) // 6
         return TorchCifarResNet((n, n, n), (16, 32, 64), (1, 2, 2), True, num_classes)
     if arch.startswith("wrn_"):
@@ -269,6 +269,8 @@ CASES = {
     "wrn_40_1": (10, "cmi", (5,), "svhn"),
     "wrn_40_2": (10, "raw", (3,), "cifar10"),
     "vgg11_bn": (200, "cmi", (3,), "tiny_imagenet"),  # 64x64: the extra pool after block 3
+    "resnet8": (10, "raw", (3,), "cifar10"),
+    "resnet14": (100, "module", (5,), "cifar100"),
     "resnet20": (10, "module", (3, 5), "cifar10"),
     "resnet32": (10, "module", (5,), "cifar10"),
     "resnet44": (10, "raw", (3,), "cifar10"),

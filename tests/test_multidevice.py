@@ -7,6 +7,7 @@ from conftest import run_iterations, tiny_digits_config
 from cpsc_jax.method import steps
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.local_device_count() < 2, reason="needs 2 simulated devices (conftest)")
 def test_one_and_two_devices_agree_on_the_same_global_batch():
     config = tiny_digits_config()

@@ -1,5 +1,5 @@
 """Several processes (jax.distributed on 127.0.0.1, CPU collectives over gloo): a tiny
-distillation (2 x 1, 4 x 1, 2 x 2 processes x devices) and a tiny teacher training (2 x 1) end
+distillation (4 x 1 and 2 x 2 processes x devices) and a tiny teacher training (2 x 1) end
 with the parameters of one process with as many devices on the same global batch; runs killed
 after a checkpoint resume (on the same or another process count); process 0 alone writes.
 
@@ -113,20 +113,34 @@ def _records(path):
     return [json.loads(l) for l in open(path)]
 
 
-@pytest.mark.parametrize("processes,devices,killed", [(2, 1, True), (4, 1, False),
-                                                      (2, 2, False)])
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, digits_teacher):
+    """The reference: the tiny distillation in one process with `devices` devices (once per
+    device count; both parametrisations below have 4 in all)."""
+    runs = {}
+
+    def run(devices: int):
+        if devices not in runs:
+            cwd = tmp_path_factory.mktemp(f"single{devices}")
+            _run("cpsc_jax.cli.train", DISTIL + [f"--config.teacher.checkpoint={digits_teacher}",
+                                                 f"--workdir={cwd / 'run'}"], 1, devices, cwd)
+            runs[devices] = cwd / "run"
+        return runs[devices]
+    return run
+
+
+# Killed: every process is SIGKILLed after the first checkpoint and the run resumes as one
+# process with all the devices (a checkpoint does not depend on the process count).
+@pytest.mark.parametrize("processes,devices,killed", [(2, 2, True), (4, 1, False)])
 def test_distillation_over_processes_equals_one_process(tmp_path, digits_teacher, processes,
-                                                        devices, killed):
+                                                        devices, killed, one_process_run):
     args = DISTIL + [f"--config.teacher.checkpoint={digits_teacher}"]
     total = processes * devices
-    single = tmp_path / "single"
-    _run("cpsc_jax.cli.train", args + [f"--workdir={single}"], 1, total, tmp_path)
+    single = one_process_run(total)
 
     multi = tmp_path / "multi"
     margs = args + [f"--workdir={multi}"]
     if killed:
-        # SIGKILL every process after the first checkpoint, then resume as ONE process with
-        # the same number of devices: a checkpoint does not depend on the process count.
         _run_until_checkpoint("cpsc_jax.cli.train", margs, processes, devices, tmp_path,
                               str(multi / "checkpoints"), 3)
         results = _run("cpsc_jax.cli.train", margs, 1, total, tmp_path)

@@ -23,11 +23,13 @@ from cpsc_jax.pytorch import dfkd as torch_dfkd  # noqa: E402
 from cpsc_jax.teachers.convert import load_flax_variables  # noqa: E402
 
 CASES = {
-    # a ResNet pair, log-form IKD (CIFAR-10), the released double-softmax CE
-    "resnet_log": dict(teacher="resnet32", student="resnet20", classes=10, ikd_form="log",
+    # a ResNet pair (CIFAR ResNets of one block per stage for the student, two for the
+    # teacher: every block kind, option-A shortcuts included), log-form IKD (CIFAR-10), the
+    # released double-softmax CE
+    "resnet_log": dict(teacher="resnet14", student="resnet8", classes=10, ikd_form="log",
                        ce_form="double_softmax"),
     # the same with mse-form IKD, 100 classes, plain CE
-    "resnet_mse_100": dict(teacher="resnet32", student="resnet20", classes=100, ikd_form="mse",
+    "resnet_mse_100": dict(teacher="resnet14", student="resnet8", classes=100, ikd_form="mse",
                            ce_form="plain"),
     # a WRN pair with the adapter (feature widths 64 -> 128), frozen as released
     "wrn_adapter": dict(teacher="wrn_16_2", student="wrn_16_1", classes=10, ikd_form="log",
@@ -203,16 +205,19 @@ def check_case(case, dtype, **overrides):
     return max(worst)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_float64_parity_with_the_released_iteration(name):
     check_case(CASES[name], "float64")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet_log", "wrn_adapter"])
 def test_float32_parity_within_rounding(name):
     check_case(CASES[name], "float32")
 
 
+@pytest.mark.slow
 def test_float64_parity_with_options_switched():
     """Persistent Adam, a trained adapter and the per-step schedule match their mirrors too."""
     check_case(CASES["wrn_adapter"], "float64", generator_optimizer="persistent",

@@ -144,6 +144,7 @@ def test_student_gradient_clipping_bounds_the_first_update():
     np.testing.assert_allclose(raw["w"], update["w"] * 400.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.local_device_count() < 2, reason="needs 2 simulated devices (conftest)")
 @pytest.mark.parametrize("data", ["replay", "fresh+replay"])
 def test_one_and_two_devices_agree_with_replay_and_augmentation(data):

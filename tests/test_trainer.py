@@ -29,6 +29,7 @@ def _without_times(history):
     return [{k: v for k, v in h.items() if k != "elapsed_s"} for h in history]
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_run_equals_straight_run(tmp_path, digits_teacher,
                                                          digits_teacher_model):
     teacher = digits_teacher_model
@@ -66,6 +67,7 @@ def test_interrupted_then_resumed_run_equals_straight_run(tmp_path, digits_teach
     assert resumed["protocol"] == "digits"
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits_teacher,
                                                               digits_teacher_model):
     config = tiny_digits_config()
@@ -162,6 +164,7 @@ def test_end_to_end_digits_script(tmp_path):
     assert "unknown model 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present")
 def test_cifar10_holdout_run_reports_batch5_and_the_1017_test_images(tmp_path):
     """The cifar10-holdout protocol through the trainer on the real files (tiny nets, 1 iteration)."""
@@ -258,6 +261,7 @@ def test_a_collapsed_student_is_reported_in_the_log_metrics_and_results(tmp_path
     assert flags and flags[-1] == 1.0
 
 
+@pytest.mark.slow
 def test_a_run_says_it_compiles_and_warns_once_when_it_would_take_hours(tmp_path, monkeypatch,
                                                                         digits_teacher_model):
     from cpsc_jax.method import trainer

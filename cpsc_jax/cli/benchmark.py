@@ -44,8 +44,8 @@ def define(F):
                       "(threads spin a while before sleeping; fastest on an idle machine; either "
                       "way the harness waits, untimed, until they sleep before any JAX call). 'passive': "
                       "sets OMP_WAIT_POLICY=PASSIVE (unless already set): idle threads sleep, which "
-                      "avoids collapses on a CPU shared with other busy processes but costs PyTorch "
-                      "~20-30% on a quiet one.", flag_values=F)
+                      "avoids collapses on a CPU shared with other busy processes but slows PyTorch "
+                      "on a quiet one (docs/RESULTS.md).", flag_values=F)
     flags.DEFINE_bool("ynn_convolutions", False,
                       "Compile the JAX executables with XLA:CPU's convolutions on YNNPACK (jaxlib "
                       "0.10.2's default), instead of the project's default of XLA's own "

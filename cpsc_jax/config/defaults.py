@@ -5,57 +5,7 @@ Every `configs/*.py` starts from `distillation_config(...)` and changes only wha
 every config has every field (command-line overrides such as `--config.data.protocol=holdout`
 need the field to exist) and the released values are written once.
 
-Fields:
-    seed
-    data.{name, dir, protocol, extra_eval, tfds_dir}   see `cpsc_jax.data`
-    num_classes, image_size, channels                  from the dataset
-    teacher.{arch, checkpoint, train_if_missing}       checkpoint empty: WORKDIR/teacher
-    teacher.training      (configs that train their teacher) a teacher_config(...)
-    student.arch
-    generator.{nz, ngf, num_upsamples}                 latent size, width, 2x upsampling stages
-    batch_size (global), epochs, epoch_itrs, g_steps, s_steps
-    lr_student, momentum, weight_decay, warmup_epochs  student SGD, warm-up then cosine
-    student_schedule      "per_epoch" (released: stepped once per epoch) or "per_step"
-    lr_generator, adam_b1, adam_b2, adam_eps
-    generator_optimizer   "reset" (released: a new Adam every step) or "persistent"
-    generator_schedule    for "persistent": "constant" or "cosine"
-    adapter_optimizer     "frozen" (released: the adapter never changes) or "sgd"
-    student_data          "fresh" (released: every student step generates new images),
-                          "replay" (student steps draw from the generator's last images) or
-                          "fresh+replay" (a fresh batch plus replay_batch stored images;
-                          cpsc_jax.method.replay)
-    replay_size           images the replay memory holds, a ring (0: one epoch of generator
-                          output, epoch_itrs * g_steps * batch_size)
-    replay_batch          stored images per student step with "fresh+replay" (0: batch_size)
-    student_augment.{crop_padding, flip, mixup}
-                          the student phase's images randomly cropped after edge padding /
-                          flipped / mixed with a partner, mixup = Beta(a, a)'s a (released: 0,
-                          False, 0.0)
-    student_grad_clip     the student's gradients clipped to this global norm before its
-                          optimizer (0: off, released)
-    generator_reinit_every  epochs between re-initialisations of the generator and its
-                          optimizer (0: never, released)
-    loss.{kd, alpha, beta, gamma, eta, student_eta}    loss weights; 0 removes the term
-                          (eta: the generator's CE on the teacher; student_eta: the student's)
-    loss.student_ikd_scale  the student's IKD weight is alpha * this (released: 1, one alpha
-                          for both phases)
-    loss.student_kd_temperature  the student's KD temperature T (KL of softmax(./T), times
-                          T^2; released: 1)
-    loss.ikd_form         "log" (released for CIFAR-10) or "mse" (released elsewhere)
-    loss.ce_form, loss.student_ce_form
-                          "double_softmax" (released: softmax fed to CE) or "plain", per phase
-    loss.{temperature, base_temperature}               SupCon
-    mixed_precision       bfloat16 compute, float32 parameters and losses
-    scan_unroll           0 auto, 1 lax.scan, 2 straight-line steps (see steps.scan_unroll)
-    conv_gradients        "auto" (custom VJP on CPU, lax's elsewhere), "stock" or "custom"
-                          (cpsc_jax.models.conv; same numbers up to float rounding)
-    bn_sync               "global" (BatchNorm moments of the global batch) or "local" (each
-                          device's own; running averages still averaged across devices)
-    eval_batch_size, log_every, sample_columns
-    log_conditioning      also log each generator term's pull on the class embeddings at every
-                          evaluation (cpsc_jax.method.conditioning; costs a few seconds of compilation)
-    profile_steps         N > 0: a jax.profiler trace of N iterations after the first (compiled)
-                          one, into WORKDIR/profile (TensorBoard's profile plugin, Perfetto)
+Every field is described in docs/CONFIG.md.
 """
 import ml_collections
 

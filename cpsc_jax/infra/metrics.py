@@ -17,6 +17,17 @@ def _plain(value):
         return value
 
 
+class Closing:
+    """A context manager that calls `close()` on exit, however the block ends."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
 class JsonlWriter:
     """Appends one JSON object per record to a file (process 0 only: `enabled=False` on the
     others).
@@ -131,7 +142,7 @@ def _image_hwc_uint8(image) -> Any:
     return x
 
 
-class TensorBoardWriter:
+class TensorBoardWriter(Closing):
     """Scalars, images and hyper-parameters as TensorBoard event files in `logdir`.
 
     `write(step, record)` takes the same records as `JsonlWriter` (every loss term, teacher
@@ -189,15 +200,8 @@ class TensorBoardWriter:
     def close(self) -> None:
         self._writer.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-
-class NullSummaryWriter:
+class NullSummaryWriter(Closing):
     """Same interface, writes nothing: TensorBoard absent, or not the writing process."""
 
     enabled = False
@@ -220,12 +224,6 @@ class NullSummaryWriter:
     def close(self) -> None:
         pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
 
 def summary_writer(logdir: str, resume_step: Optional[int] = None, enabled: bool = True):
     """A `TensorBoardWriter` when TensorBoard output is possible here, else a
@@ -240,7 +238,7 @@ def summary_writer(logdir: str, resume_step: Optional[int] = None, enabled: bool
 
 # ------------------------------------------------------------------------------ one writer
 
-class MetricWriter:
+class MetricWriter(Closing):
     """Every record of a run through one writer (as clu's `create_default_writer`): each
     `write(step, record)` goes to the JSON lines file and to TensorBoard; `line`, when given, is
     that record's console line."""
@@ -266,13 +264,6 @@ class MetricWriter:
     def close(self) -> None:
         self.tensorboard.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
 
 def create_default_writer(workdir: str, resume_step: Optional[int] = None, enabled: bool = True,
                           console: Optional[Callable[[str], None]] = None,
@@ -288,7 +279,7 @@ def create_default_writer(workdir: str, resume_step: Optional[int] = None, enabl
 
 # ------------------------------------------------------------------------------ profiler
 
-class ProfileWindow:
+class ProfileWindow(Closing):
     """A `jax.profiler` trace of `num_steps` iterations into `logdir`, started once iteration
     `start_after` has finished (the first one of an invocation compiles: not worth tracing).
 
@@ -327,10 +318,3 @@ class ProfileWindow:
         """Ends a trace still running (the run ended or failed inside the window)."""
         if self.active:
             self._stop()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False

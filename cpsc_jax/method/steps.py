@@ -85,9 +85,14 @@ def feature_dim(model: nn.Module, config) -> int:
     return shapes[0][1].shape[-1]
 
 
+def _init(module: nn.Module, rng, *inputs):
+    """`module.init` compiled as one program: run op by op it compiles every primitive alone."""
+    return jax.jit(module.init)(rng, *inputs)
+
+
 def _init_generator(nets: Networks, config, rng) -> TrainState:
-    g_vars = nets.generator.clone(axis_name=None).init(
-        rng, jnp.zeros((2, config.generator.nz)), jnp.zeros((2,), jnp.int32))
+    g_vars = _init(nets.generator.clone(axis_name=None), rng,
+                   jnp.zeros((2, config.generator.nz)), jnp.zeros((2,), jnp.int32))
     return TrainState.create(apply_fn=nets.generator.apply, params=g_vars["params"],
                              batch_stats=g_vars["batch_stats"], tx=generator_optimizer(config))
 
@@ -96,14 +101,14 @@ def init_state(nets: Networks, config, rng) -> DistillState:
     """Fresh generator, student and adapter states (initialised outside pmap, no axis)."""
     k_gen, k_stu, k_ada, k_run = jax.random.split(rng, 4)
     x = jnp.zeros((2, config.image_size, config.image_size, config.channels), jnp.float32)
-    s_vars = nets.student.clone(axis_name=None).init(k_stu, x)
+    s_vars = _init(nets.student.clone(axis_name=None), k_stu, x)
     generator = _init_generator(nets, config, k_gen)
     student = TrainState.create(apply_fn=nets.student.apply, params=s_vars["params"],
                                 batch_stats=s_vars.get("batch_stats", {}),
                                 tx=student_optimizer(config, config.s_steps))
     adapter = None
     if nets.adapter is not None:
-        a_vars = nets.adapter.init(k_ada, jnp.zeros((2, nets.adapter.hidden)))
+        a_vars = _init(nets.adapter, k_ada, jnp.zeros((2, nets.adapter.hidden)))
         adapter = TrainState.create(apply_fn=nets.adapter.apply, params=a_vars["params"],
                                     tx=adapter_optimizer(config))
     memory = replay.create(config)

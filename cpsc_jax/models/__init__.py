@@ -40,7 +40,7 @@ _CLASSIFIERS: Dict[str, Callable[..., Any]] = {
     "small_cnn": small_cnn((32, 64, 128)),
     "small_cnn_half": small_cnn((16, 32, 64)),
 }
-for _depth in (20, 32, 44, 56, 110):
+for _depth in (8, 14, 20, 32, 44, 56, 110):
     _CLASSIFIERS[f"resnet{_depth}"] = resnet_option_a(_depth)
 
 

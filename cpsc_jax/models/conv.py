@@ -1,43 +1,13 @@
 """A 2-D convolution whose backward pass XLA:CPU runs on its fast path, also inside loops.
 
-JAX's autodiff writes the gradients of an NHWC/HWIO convolution as convolutions in other
-layouts (input/output features swapped for dX, batch and features swapped for dW). Outside a loop
-XLA:CPU rewrites those into its standard `b01f_01io->b01f` form; inside a while-loop body (a
-`lax.scan`) it does not, and runs them on a generic path about a hundred times slower
-(docs/RESULTS.md, "Figures behind design choices"). `canonical_conv` has the same forward but a
-custom VJP that builds both gradients as standard-form convolutions itself:
-
-  * dX: the cotangent, dilated by the stride, convolved with the spatially flipped kernel whose
-    in/out features are swapped (a transposed convolution);
-  * dW: the input with batch and features exchanged ([C_in, H, W, B]) convolved with the
-    cotangent as a kernel ([H_out, W_out, B, C_out], dilated by the stride), giving
-    [C_in, kh, kw, C_out].
-
-Which gradients a model's convs use is a run setting (`config.conv_gradients`, threaded to
-every conv as `LayerOptions.conv_gradients`): "auto" (the custom VJP on CPU, lax's own gradients
-elsewhere, where XLA:GPU maps them to cuDNN's backward kernels), "stock" or "custom" on any
-backend, so the CPU test suite runs the accelerator path too. `conv_function(gradients)` is the
-drop-in for `lax.conv_general_dilated` that `flax.linen.Conv` takes; it uses `canonical_conv`
-where it applies and the stock convolution otherwise. Being a custom VJP, it supports
-reverse-mode autodiff only (no `jax.jvp` through the models where it is used).
-
-Convolutions with very few input or output channels (a classifier's first conv on grey or
-colour images, a generator's last) are where XLA:CPU's convolution kernels fall furthest behind
-(several times slower than PyTorch's oneDNN on LeNet's first conv; docs/RESULTS.md).
-`canonical_conv` computes those from shifted windows instead:
-
-  * one input channel: the forward is a sum over the kernel's kh*kw offsets of a window of the
-    input times that offset's kernel row (elementwise, fused by XLA);
-  * `FEW_OUTPUT_CHANNELS` output channels: the forward is one dot x @ W to
-    [B, H, W, kh*kw*C_out], whose offset slices are summed under their windows;
-  * at most `FEW_INPUT_CHANNELS` input channels: dX is col2im, one dot g @ W^T to
-    [B, H_out, W_out, kh*kw*C_in] whose offset slices are added back at their windows;
-  * one output channel: dX is the same sum of windows on g (the transposed convolution has
-    one input channel).
-dW stays a convolution (per-offset products and reductions measured slower, 2-5x).
-
-`xla_cpu_conv_options()` are the XLA:CPU compiler options that keep these convolutions on
-XLA's own kernels instead of YNNPACK; `cpsc_jax.infra.runtime.data_parallel` compiles with them.
+Inside a `lax.scan` body XLA:CPU runs the gradients JAX's autodiff writes for an NHWC/HWIO
+convolution on a generic path about a hundred times slower than outside (docs/RESULTS.md,
+"Figures behind design choices"). `canonical_conv` has the same forward and a custom VJP that
+writes both gradients as standard-form convolutions; convolutions with very few input or output
+channels, where XLA:CPU's kernels fall furthest behind, are computed from shifted windows.
+`conv_function(config.conv_gradients)` is the drop-in for `lax.conv_general_dilated` that
+`flax.linen.Conv` takes ("auto": the custom VJP on CPU only; reverse-mode autodiff only), and
+`xla_cpu_conv_options()` keeps these convolutions on XLA's own kernels instead of YNNPACK.
 """
 import functools
 import re
@@ -125,7 +95,19 @@ def canonical_conv(x: jax.Array, w: jax.Array, strides: Tuple[int, int], padding
     """NHWC x HWIO -> NHWC convolution, no dilation, one feature group; explicit padding with
     0 <= pad < kernel size on every side. Same forward as `lax.conv_general_dilated` (for one
     input channel or few output channels computed as a sum of windows: equal up to the order
-    of the float sums)."""
+    of the float sums).
+
+    The custom VJP builds the gradients in XLA:CPU's standard `b01f_01io->b01f` form:
+      * dX: the cotangent, dilated by the stride, convolved with the spatially flipped kernel
+        whose in/out features are swapped (a transposed convolution);
+      * dW: the input with batch and features exchanged ([C_in, H, W, B]) convolved with the
+        cotangent as a kernel ([H_out, W_out, B, C_out], dilated by the stride).
+    With few channels, from shifted windows instead: one input channel, the forward is a sum
+    over the kernel's offsets of an input window times that offset's kernel row;
+    `FEW_OUTPUT_CHANNELS` output channels, one dot x @ W whose offset slices are summed under
+    their windows; at most `FEW_INPUT_CHANNELS` input channels, dX is col2im; one output
+    channel, dX is the same sum of windows on g. dW stays a convolution (per-offset products
+    measured slower)."""
     return _forward(x, w, strides, padding, precision)
 
 

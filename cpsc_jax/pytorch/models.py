@@ -275,7 +275,7 @@ _MODELS: Dict[str, Callable[[int, int], nn.Module]] = {
                                          False, c),
     "resnet34": lambda k, c: CifarResNet(k, (3, 4, 6, 3), (64, 128, 256, 512), (1, 2, 2, 2),
                                          False, c),
-    **{f"resnet{d}": _resnet_a(d) for d in (20, 32, 44, 56, 110)},
+    **{f"resnet{d}": _resnet_a(d) for d in (8, 14, 20, 32, 44, 56, 110)},
     **{f"wrn_{d}_{w}": (lambda d, w: lambda k, c: WideResNet(k, d, w, c))(d, w)
        for d, w in ((16, 1), (16, 2), (40, 1), (40, 2))},
     "vgg11_bn": lambda k, c: VGG(k, c),

@@ -13,7 +13,6 @@ WORKDIR after a run:
     student_best/         the student of the best epoch (when evaluated)
     results.json          accuracies (final, best), faithfulness, wall time, history
 """
-import json
 import os
 import signal
 import time
@@ -87,15 +86,8 @@ def save_samples(path: str, images: np.ndarray, probe: faithfulness.Probe, predi
 
 
 def _finished_results(workdir: str, total: int) -> Optional[Dict[str, Any]]:
-    path = os.path.join(workdir, RESULTS)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return results if results.get("iterations") == total else None
+    results = runtime.read_record(os.path.join(workdir, RESULTS))
+    return results if results is not None and results.get("iterations") == total else None
 
 
 def train_and_evaluate(config, workdir: str, teacher: Optional[Teacher] = None,

@@ -41,15 +41,9 @@ class BaselineMismatch(UserError, ValueError):
     """The PyTorch baseline cannot run what the config asks for."""
 
 
-def run_benchmark(config, iters: int = 10, warmup: int = 2,
-                  torch_modes: Sequence[str] = ("eager",), phases: bool = True,
-                  torch_channels_last: bool = False, donate: bool = True, seed: int = 0,
-                  log: Callable[[str], None] = print, force: bool = False,
-                  compiler_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Builds, compiles and times every variant; returns one flat dict (see module doc).
-    Refuses (`LoadTooHigh`) when the machine is busier than its cores, unless `force`;
-    `compiler_options` are added to the JAX executables' own."""
-    torch_modes = [m for m in torch_modes if m != "none"]
+def check_baseline(config, torch_modes: Sequence[str]) -> None:
+    """Refuses (`BaselineMismatch`) a PyTorch comparison of a student phase that the PyTorch
+    baseline (the released code) does not run."""
     aug = config.student_augment
     released_student = {"student_data": ("fresh", config.student_data),
                         "student_augment.crop_padding": (0, aug.crop_padding),
@@ -66,17 +60,17 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
             "--torch none, or compare with "
             + " ".join(f"--config.{k}={want}" for k, (want, v) in released_student.items()
                        if k in differ))
-    load_start = check_load(force)
-    dev = describe_jax_device()
-    images_per_iter = (config.g_steps + config.s_steps) * config.batch_size
-    result: Dict[str, Any] = {
+
+
+def _setup_record(config, dev, iters, warmup, load_start, compiler_options) -> Dict[str, Any]:
+    return {
         "device": dev["device_kind"], "platform": dev["platform"],
         "num_devices": dev["num_devices"],
         "teacher": config.teacher.arch, "student": config.student.arch,
         "batch_size": config.batch_size, "g_steps": config.g_steps, "s_steps": config.s_steps,
         "image_size": config.image_size, "channels": config.channels,
         "mixed_precision": bool(config.mixed_precision),
-        "images_per_iter": images_per_iter,
+        "images_per_iter": (config.g_steps + config.s_steps) * config.batch_size,
         "iters": iters, "warmup": warmup,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
@@ -84,6 +78,38 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
         "xla_compiler_options": xla_compiler_options(compiler_options),
         "load_avg_start": load_start,
     }
+
+
+def _torch_runners(config, torch_modes, seed, channels_last, log, result):
+    """The PyTorch runners that could be set up ({mode: runner}); failures are recorded."""
+    runners: Dict[str, TorchRunner] = {}
+    if torch_modes and not torch_available():
+        log("  torch is not installed: skipping the PyTorch baseline")
+        result["torch_skipped"] = "torch not installed"
+        return runners
+    for mode in torch_modes:
+        try:
+            runners[mode] = TorchRunner(config, mode, seed=seed, channels_last=channels_last,
+                                        log=log)
+        except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for torch.compile
+            log(f"  torch {mode} failed to set up: {type(e).__name__}: {e}")
+            result[f"torch_{mode}_error"] = f"{type(e).__name__}: {e}"
+    return runners
+
+
+def run_benchmark(config, iters: int = 10, warmup: int = 2,
+                  torch_modes: Sequence[str] = ("eager",), phases: bool = True,
+                  torch_channels_last: bool = False, donate: bool = True, seed: int = 0,
+                  log: Callable[[str], None] = print, force: bool = False,
+                  compiler_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Builds, compiles and times every variant; returns one flat dict (see module doc).
+    Refuses (`LoadTooHigh`) when the machine is busier than its cores, unless `force`;
+    `compiler_options` are added to the JAX executables' own."""
+    torch_modes = [m for m in torch_modes if m != "none"]
+    check_baseline(config, torch_modes)
+    load_start = check_load(force)
+    dev = describe_jax_device()
+    result = _setup_record(config, dev, iters, warmup, load_start, compiler_options)
     log(f"benchmark: {config.teacher.arch} -> {config.student.arch}, batch {config.batch_size}, "
         f"G_steps {config.g_steps}, S_steps {config.s_steps} on {dev['device_kind']}")
 
@@ -94,21 +120,8 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
     names = ["iteration"] + (["generator_phase", "student_phase"] if phases else [])
     variants: Dict[str, Callable[[], float]] = {
         f"jax/{n}": functools.partial(jr.call, n) for n in names}
-
-    torch_runners: Dict[str, TorchRunner] = {}
     threads_before = thread_ids()
-    if torch_modes and not torch_available():
-        log("  torch is not installed: skipping the PyTorch baseline")
-        result["torch_skipped"] = "torch not installed"
-        torch_modes = []
-    for mode in torch_modes:
-        try:
-            tr = TorchRunner(config, mode, seed=seed, channels_last=torch_channels_last, log=log)
-        except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for torch.compile
-            log(f"  torch {mode} failed to set up: {type(e).__name__}: {e}")
-            result[f"torch_{mode}_error"] = f"{type(e).__name__}: {e}"
-            continue
-        torch_runners[mode] = tr
+    torch_runners = _torch_runners(config, torch_modes, seed, torch_channels_last, log, result)
     # The threads PyTorch started (its OpenMP workers): parked after every PyTorch call.
     parked = ParkedThreads((thread_ids() or frozenset()) - (threads_before or frozenset())
                            if torch_runners else ())
@@ -121,13 +134,26 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
     timings = time_interleaved(variants, iters, warmup)
     result["load_avg_end"] = load_average()
     result.update(parked.summary())
-
-    # JAX figures.
-    it_ms = timings["jax/iteration"].median_ms
     flops = jr.flops_per_iteration()
+    result.update(_jax_figures(config, jr, timings, flops, dev, phases,
+                               result["images_per_iter"]))
+    for mode, tr in torch_runners.items():
+        result.update(_torch_figures(mode, tr, timings, flops, phases, result["images_per_iter"],
+                                     result["jax_ms_per_iter"]))
+    if "eager" in torch_runners:
+        result.update(_torch_extras(torch_runners["eager"], log))
+    result.setdefault("torch_ms_per_iter", None)
+    result.setdefault("speedup_vs_torch", None)
+    result["torch_channels_last"] = bool(torch_channels_last)
+    result["timings"] = {k: v.summary() for k, v in timings.items()}
+    return flag_load(result)
+
+
+def _jax_figures(config, jr, timings, flops, dev, phases, images_per_iter) -> Dict[str, Any]:
+    it_ms = timings["jax/iteration"].median_ms
     prec = _precision(config, dev["platform"])
     peak = peak_flops(jax.local_devices()[0].device_kind, prec)
-    result.update({
+    out = {
         "jax_ms_per_iter": round(it_ms, 3),
         "jax_images_per_s": round(images_per_iter / (it_ms / 1e3), 2),
         "jax_iter_timing": timings["jax/iteration"].summary(),
@@ -142,48 +168,47 @@ def run_benchmark(config, iters: int = 10, warmup: int = 2,
                     round(flops["iteration"] / (it_ms / 1e3) / (peak * jr.num_devices), 5)),
         "jax_peak_memory_bytes": device_peak_memory(jax.local_devices()[0]),
         "jax_xla_memory_iteration": jr.memory["iteration"],
-    })
+    }
     if phases:
         for ph in ("generator_phase", "student_phase"):
-            ms = timings[f"jax/{ph}"].median_ms
-            result[f"jax_{ph}_ms"] = round(ms, 3)
-            result[f"jax_{ph}_flops"] = flops[ph]
-        result["jax_phases_sum_ms"] = round(result["jax_generator_phase_ms"]
-                                            + result["jax_student_phase_ms"], 3)
+            out[f"jax_{ph}_ms"] = round(timings[f"jax/{ph}"].median_ms, 3)
+            out[f"jax_{ph}_flops"] = flops[ph]
+        out["jax_phases_sum_ms"] = round(out["jax_generator_phase_ms"]
+                                         + out["jax_student_phase_ms"], 3)
+    return out
 
-    # Torch figures (primary = eager when run, else the first mode).
-    for mode, tr in torch_runners.items():
-        p = "torch" if mode == "eager" else f"torch_{mode}"
-        ms = timings[f"torch_{mode}/iteration"].median_ms
-        result[f"{p}_ms_per_iter"] = round(ms, 3)
-        result[f"{p}_images_per_s"] = round(images_per_iter / (ms / 1e3), 2)
-        result[f"{p}_iter_timing"] = timings[f"torch_{mode}/iteration"].summary()
-        result[f"speedup_vs_{p}"] = round(ms / it_ms, 4)
-        result[f"{p}_peak_memory_bytes"] = tr.peak_memory()
-        result[f"{p}_first_call_s"] = {k: round(v, 2) for k, v in tr.first_call_s.items()}
-        if mode == "compile":   # the first calls trace and compile both loss graphs
-            result["torch_compile_compile_s"] = round(sum(tr.first_call_s.values()), 2)
-        # MFU of the same work (XLA's FLOP count of the identical iteration).
-        if flops["iteration"] is not None:
-            result[f"{p}_tflops_per_s"] = round(flops["iteration"] / (ms / 1e3) / 1e12, 4)
-        if phases:
-            for ph in ("generator_phase", "student_phase"):
-                result[f"{p}_{ph}_ms"] = round(timings[f"torch_{mode}/{ph}"].median_ms, 3)
-        result["torch_device"] = tr.device()
-    if "eager" in torch_runners:
-        try:
-            result["torch_flops_per_iter_matmul_conv"] = torch_runners["eager"].flops_per_iteration()
-        except Exception as e:  # noqa: BLE001 - a cross-check only
-            log(f"  torch FLOP count failed: {type(e).__name__}: {e}")
-            result["torch_flops_per_iter_matmul_conv"] = None
-        import torch
-        result["torch_version"] = torch.__version__
-        result["torch_threads"] = torch.get_num_threads()
-    result.setdefault("torch_ms_per_iter", None)
-    result.setdefault("speedup_vs_torch", None)
-    result["torch_channels_last"] = bool(torch_channels_last)
-    result["timings"] = {k: v.summary() for k, v in timings.items()}
-    return flag_load(result)
+
+def _torch_figures(mode, tr, timings, flops, phases, images_per_iter, jax_ms) -> Dict[str, Any]:
+    """One PyTorch mode's figures, prefixed `torch_` for eager (the primary baseline), else
+    `torch_MODE_`."""
+    p = "torch" if mode == "eager" else f"torch_{mode}"
+    ms = timings[f"torch_{mode}/iteration"].median_ms
+    out = {f"{p}_ms_per_iter": round(ms, 3),
+           f"{p}_images_per_s": round(images_per_iter / (ms / 1e3), 2),
+           f"{p}_iter_timing": timings[f"torch_{mode}/iteration"].summary(),
+           f"speedup_vs_{p}": round(ms / jax_ms, 4),
+           f"{p}_peak_memory_bytes": tr.peak_memory(),
+           f"{p}_first_call_s": {k: round(v, 2) for k, v in tr.first_call_s.items()},
+           "torch_device": tr.device()}
+    if mode == "compile":   # the first calls trace and compile both loss graphs
+        out["torch_compile_compile_s"] = round(sum(tr.first_call_s.values()), 2)
+    if flops["iteration"] is not None:   # the same work: XLA's count of the identical iteration
+        out[f"{p}_tflops_per_s"] = round(flops["iteration"] / (ms / 1e3) / 1e12, 4)
+    if phases:
+        for ph in ("generator_phase", "student_phase"):
+            out[f"{p}_{ph}_ms"] = round(timings[f"torch_{mode}/{ph}"].median_ms, 3)
+    return out
+
+
+def _torch_extras(eager: TorchRunner, log) -> Dict[str, Any]:
+    import torch
+    try:
+        flops = eager.flops_per_iteration()
+    except Exception as e:  # noqa: BLE001 - a cross-check only
+        log(f"  torch FLOP count failed: {type(e).__name__}: {e}")
+        flops = None
+    return {"torch_flops_per_iter_matmul_conv": flops, "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
 
 
 def compare_loop_forms(config, iters: int = 10, warmup: int = 2, seed: int = 0,

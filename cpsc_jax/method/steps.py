@@ -85,9 +85,11 @@ def feature_dim(model: nn.Module, config) -> int:
     return shapes[0][1].shape[-1]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _init(module: nn.Module, rng, *inputs):
-    """`module.init` compiled as one program: run op by op it compiles every primitive alone."""
-    return jax.jit(module.init)(rng, *inputs)
+    """`module.init` compiled as one program (op by op, every primitive compiles alone), once
+    per network and input shape: a re-initialised generator reuses it."""
+    return module.init(rng, *inputs)
 
 
 def _init_generator(nets: Networks, config, rng) -> TrainState:

@@ -68,6 +68,9 @@ def test_presets_differ_only_in_their_own_fields(name):
 @pytest.mark.parametrize("name", DISTILLATION_CONFIGS)
 def test_improved_is_conditioned_plus_the_student_phase_switches(name):
     improved, conditioned = load_config(name, "improved"), load_config(name, "conditioned")
+    if name == "mnist":   # the file lowers the label weight under "conditioned" only
+        assert (conditioned.loss.eta, improved.loss.eta) == (1.5, 2.0)
+        conditioned.loss.eta = improved.loss.eta
     assert improved.student_grad_clip > 0 and improved.student_data == "fresh+replay"
     for key in ("student_grad_clip", "student_data", "replay_size", "replay_batch"):
         parent, _, leaf = key.rpartition(".")
@@ -97,6 +100,27 @@ def test_grid_row_preset_is_applied_before_its_overrides():
     assert base.loss.ce_form == "plain"                  # the base config is untouched
     with pytest.raises(ConfigError, match="grid row 'r'.*unknown preset"):
         ablation.apply_overrides(base, {"preset": "bogus"}, "r")
+
+
+def test_grid_row_preset_keeps_what_the_config_file_sets_for_that_preset(monkeypatch):
+    """A row naming a preset is the config file built with it (configs/mnist.py's label weight
+    under "conditioned"), with the command line's overrides, not PRESETS applied on top."""
+    from absl import flags
+    from cpsc_jax.cli import common
+    F = flags.FlagValues()
+    common.define_config_flag(F)
+    argv = ["prog", f"--config={REPO / 'configs' / 'mnist.py'}", "--config.batch_size=7"]
+    monkeypatch.setattr("sys.argv", argv)   # ml_collections reads the overrides from there
+    F(argv)
+    assert F.config.loss.eta == 2.0                       # improved, the default
+    loader = lambda preset: common.config_with_preset(F["config"], preset)
+    row = ablation.apply_overrides(F.config, {"preset": "conditioned", "epochs": 3}, "r", loader)
+    assert (row.loss.eta, row.batch_size, row.epochs) == (1.5, 7, 3)
+    assert row.student_data == "fresh"
+    plain = ablation.apply_overrides(F.config, {"preset": "conditioned"}, "r")
+    assert plain.loss.eta == 2.0                          # PRESETS alone: what the file adds is lost
+    with pytest.raises(ConfigError, match="grid row 'r'.*unknown preset 'bogus'"):
+        ablation.apply_overrides(F.config, {"preset": "bogus"}, "r", loader)
 
 
 def test_apply_preset_copies_referenced_fields():

@@ -30,8 +30,14 @@ def run(F, argv) -> int:
     # One teacher for every run: the config's, or WORKDIR/teacher trained once.
     teacher = resolve_teacher(config, workdir)
     config.teacher.checkpoint = teacher.path
+
+    def config_for_preset(preset):
+        c = common.config_with_preset(F["config"], preset)
+        c.teacher.checkpoint = teacher.path
+        return c
     out = ablation.run_sweep(config, grid, F.seeds, workdir,
-                             lambda cfg, wd: train_and_evaluate(cfg, wd, teacher))
+                             lambda cfg, wd: train_and_evaluate(cfg, wd, teacher),
+                             config_for_preset=config_for_preset)
     print(ablation.format_table(out["rows"], out["seeds"]))
     return 0
 

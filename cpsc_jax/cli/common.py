@@ -120,6 +120,24 @@ def define_config_flag(F, help_text: str = "Run config: a shipped name (digits, 
     config_flags.DEFINE_config_file("config", None, help_text, flag_values=F, lock_config=True)
 
 
+def config_with_preset(config_flag, preset: str):
+    """The config of a parsed `--config FILE[:ARG]` flag rebuilt as `--config FILE:preset`
+    with the same `--config.*` overrides (ablation rows that name a preset)."""
+    import importlib.util
+    from ml_collections import config_flags
+    path = config_flags.get_config_filename(config_flag).partition(":")[0]
+    spec = importlib.util.spec_from_file_location("cpsc_config_for_preset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        config = module.get_config(preset)
+    except TypeError as e:
+        raise UserError(f"{path}: its get_config takes no preset argument, so a grid row "
+                        f"cannot name preset {preset!r} ({e})")
+    config.update_from_flattened_dict(config_flags.get_override_values(config_flag))
+    return config
+
+
 def main(define: Callable[[flags.FlagValues], None],
          run: Callable[[flags.FlagValues, List[str]], Optional[int]],
          argv: Optional[List[str]] = None,

@@ -22,6 +22,8 @@ import numpy as np
 from cpsc_jax.config import defaults as config_defaults
 from cpsc_jax.config.validation import ConfigError
 
+PresetLoader = Callable[[str], ml_collections.ConfigDict]
+
 COLUMNS = (  # (key in a run's summary, table heading, format)
     ("student_accuracy", "student final %", "{:.2f}"),
     ("best_student_accuracy", "student best %", "{:.2f}"),
@@ -50,20 +52,26 @@ def load_grid(path: str) -> Dict[str, Dict[str, Any]]:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any],
-                    row: str = "") -> ml_collections.ConfigDict:
+                    row: str = "", config_for_preset: Optional[PresetLoader] = None
+                    ) -> ml_collections.ConfigDict:
     """A copy of `config` with dotted-key overrides; an unknown field is an error.
 
-    The key "preset" names an entry of config_defaults.PRESETS, applied before the other keys,
-    so a row means the same whatever preset the config itself defaults to.
+    The key "preset" picks the base before the other keys apply, so a row means the same
+    whatever preset the config itself defaults to: `config_for_preset(name)` (the config file
+    built with that preset, as `--config FILE:name` would, with the command line's overrides),
+    or else config_defaults.PRESETS[name] applied onto `config` (which misses what a config file
+    changes for that preset itself, e.g. configs/mnist.py's label weight under "conditioned").
     """
-    config = config.copy_and_resolve_references()
     overrides = dict(overrides)
     preset = overrides.pop("preset", None)
-    if preset is not None:
-        try:
+    try:
+        if preset is not None and config_for_preset is not None:
+            config = config_for_preset(preset)
+        config = config.copy_and_resolve_references()
+        if preset is not None and config_for_preset is None:
             config_defaults.apply_preset(config, preset)
-        except ValueError as e:
-            raise ConfigError(f"grid row {row!r}: {e}")
+    except ValueError as e:
+        raise ConfigError(f"grid row {row!r}: {e}")
     for key, value in overrides.items():
         parent, _, leaf = key.rpartition(".")
         try:
@@ -98,14 +106,17 @@ def mean_std(values: List[Optional[float]]):
 
 def run_sweep(config, grid: Dict[str, Dict[str, Any]], seeds: int, workdir: str,
               distil: Callable[[Any, str], Dict[str, Any]],
-              log: Callable[[str], None] = print) -> Dict[str, Any]:
+              log: Callable[[str], None] = print,
+              config_for_preset: Optional[PresetLoader] = None) -> Dict[str, Any]:
     """Runs every (row, seed) not finished yet with `distil(config, run_dir) -> results`, then
-    writes the tables. Returns the ablation.json content."""
+    writes the tables (rows with a "preset" key: see `apply_overrides`). Returns the
+    ablation.json content."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    configs = {row: apply_overrides(config, overrides, row) for row, overrides in grid.items()}
+    configs = {row: apply_overrides(config, overrides, row, config_for_preset)
+               for row, overrides in grid.items()}
     rows = []
     for row, overrides in grid.items():
         row_dir = os.path.join(workdir, row)

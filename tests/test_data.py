@@ -456,3 +456,14 @@ def test_the_public_loader_takes_a_dataset_name():
     np.testing.assert_array_equal(same.images, test.images)
     with pytest.raises(Exception, match="data.dir"):
         cpsc_jax.data.load_split("mnist", "test", dir="")   # no folder, no TFDS copy: says so
+
+
+def test_digits_are_read_as_scikit_learn_loads_them():
+    """The digits file is read without importing scikit-learn; the images and labels are
+    exactly those of sklearn.datasets.load_digits."""
+    from sklearn.datasets import load_digits
+    from cpsc_jax.data import digits
+    bunch = load_digits()
+    images, labels = digits._digits_arrays()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)

@@ -3,13 +3,15 @@ trace, and a student exported to PyTorch that loads and predicts like the Flax o
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_iterations, tiny_digits_config
+from conftest import REPO, run_iterations, tiny_digits_config
 from cpsc_jax.infra import metrics
 from cpsc_jax.method.optimizers import student_schedule
 
@@ -212,3 +214,17 @@ def test_one_writer_gives_jsonl_tensorboard_and_console_the_same_records(tmp_pat
                                           console=lines.append)
     quiet.write(5, {"loss": 0.5}, line="never shown")
     assert lines == ["iteration 3"] and not (tmp_path / "other" / "metrics.jsonl").exists()
+
+def test_tensorboard_backend_loads_without_importing_torch():
+    """tensorboardX would import torch (seconds at every run start) for its type hints only:
+    the writer loads without it, and torch still imports normally afterwards."""
+    pytest.importorskip("tensorboardX")
+    pytest.importorskip("torch")
+    code = ("import sys\n"
+            "from cpsc_jax.infra import metrics\n"
+            "assert metrics._summary_backend() is not None\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "import torch\n"
+            "assert torch.ones(2).sum().item() == 2.0\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -2,6 +2,7 @@
 lines in the workdir, TensorBoard event files (when tensorboardX, or torch with tensorboard, is
 installed) and lines on the console; plus a progress line with an ETA and an optional profiler
 trace of a few iterations."""
+import contextlib
 import json
 import math
 import os
@@ -113,12 +114,30 @@ class Progress:
 HPARAM_METRICS = ("student_accuracy", "best_student_accuracy")
 
 
+@contextlib.contextmanager
+def _torch_hidden():
+    """tensorboardX imports torch, when installed, only to name torch.Tensor in its type hints
+    (2-3 s at every run start); we pass it floats and NumPy arrays, so while tensorboardX is
+    first imported, `import torch` fails as if torch were absent. An already imported torch is
+    left alone."""
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+
+
 def _summary_backend():
     """(SummaryWriter class, hparams summary function) of tensorboardX, else of
     torch.utils.tensorboard (needs the tensorboard package), else None."""
     try:
-        import tensorboardX
-        from tensorboardX.summary import hparams
+        with _torch_hidden():
+            import tensorboardX
+            from tensorboardX.summary import hparams
         return tensorboardX.SummaryWriter, hparams
     except ImportError:
         pass

@@ -21,26 +21,23 @@ def available() -> bool:
     return True
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")   # files only: no display needed
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(ncols: int = 1, figsize=(8, 5)):
+    """(figure, axes) drawn off-screen: matplotlib's Figure without pyplot, so no backend is
+    chosen for the user's process and no figure is kept in pyplot's registry."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
 
 
 def _save(fig, path: str, title: str = "") -> str:
-    """Writes `fig` (titled) to `path` atomically and closes it."""
-    plt = _pyplot()
-    try:
-        if title:
-            fig.suptitle(title)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)   # a reader never sees half a picture
-        return path
-    finally:
-        plt.close(fig)
+    """Writes `fig` (titled) to `path` atomically."""
+    if title:
+        fig.suptitle(title)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    os.replace(tmp, path)   # a reader never sees half a picture
+    return path
 
 
 def load_history(workdir: str) -> List[Dict[str, Any]]:
@@ -60,12 +57,11 @@ def load_history(workdir: str) -> List[Dict[str, Any]]:
 
 def run_curves(history: Sequence[Dict[str, Any]], path: str, title: str = "") -> str:
     """One run's evaluations (the trainer's `history` records) as a PNG at `path`."""
-    plt = _pyplot()
     steps = [h["step"] for h in history]
     minutes = [h.get("elapsed_s", 0.0) / 60.0 for h in history]
     acc = [h.get("student_accuracy") for h in history]
     agree = [100.0 * h["faithfulness"]["agreement"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = _figure(3, figsize=(15, 4))
     for ax, x, label in ((axes[0], steps, "iteration"), (axes[1], minutes, "wall time (min)")):
         if any(a is not None for a in acc):
             ax.plot(x, [np.nan if a is None else a for a in acc], "o-", label="student accuracy %")
@@ -88,9 +84,9 @@ def accuracy_against_time(runs: Dict[str, List[Sequence[Dict[str, Any]]]], path:
     """Student accuracy against wall-clock minutes: for each label, one thin line per run
     (each a history) and their mean at each evaluation index in bold; `anchor` (e.g. the
     teacher's accuracy) as a horizontal line."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    import matplotlib
+    fig, ax = _figure()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, histories) in enumerate(runs.items()):
         c = colors[i % len(colors)]
         n = min(len(h) for h in histories)

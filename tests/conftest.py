@@ -33,6 +33,57 @@ def without_compilation_cache(env):
                                                                 "JAX_PERSISTENT_CACHE"))}
 
 
+# `python -c KILL_LAUNCHER ARGS` runs `cpsc-train ARGS` and, as CPSC_TEST_KILL plans, SIGKILLs
+# its own process: `iteration:N` before the N-th iteration of this process, `metrics:N` half-way
+# through writing the N-th metrics line, `commit:N` during the N-th orbax commit (after the data,
+# before the rename that makes it visible), `student` during the final student's commit; or
+# `sigterm:N` sends SIGTERM before the N-th iteration (what a cluster scheduler sends first).
+KILL_LAUNCHER = r"""
+import os, signal, sys
+plan = os.environ.get("CPSC_TEST_KILL", "")
+kind, _, n = plan.partition(":")
+n = int(n or 0)
+count = {"iteration": 0, "metrics": 0, "commit": 0}
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if kind in ("iteration", "sigterm"):
+    from cpsc_jax.infra import runtime
+    original = runtime.stop_if_requested
+    def stop_if_requested(*args, **kwargs):
+        count["iteration"] += 1
+        if count["iteration"] == n:
+            if kind == "sigterm":   # what a cluster scheduler sends before it kills
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                die()
+        original(*args, **kwargs)
+    runtime.stop_if_requested = stop_if_requested
+if kind == "metrics":
+    from cpsc_jax.infra import metrics
+    write = metrics.JsonlWriter.write
+    def torn_write(self, step, record):
+        count["metrics"] += 1
+        if count["metrics"] == n:
+            with open(self.path, "a") as f:
+                f.write('{"step": %d, "half' % step)
+            die()
+        write(self, step, record)
+    metrics.JsonlWriter.write = torn_write
+if kind in ("commit", "student"):
+    from orbax.checkpoint._src.path import atomicity
+    commit = atomicity.on_commit_callback
+    async def on_commit(tmp_dir, **kw):
+        count["commit"] += 1
+        final = str(tmp_dir.get_final())
+        if (kind == "commit" and count["commit"] == n) or (
+                kind == "student" and "/student/" in final + "/"):
+            die()
+        return await commit(tmp_dir, **kw)
+    atomicity.on_commit_callback = on_commit
+from cpsc_jax.cli.train import main
+main(sys.argv)
+"""
+
+
 def load_config(name: str, *args):
     spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

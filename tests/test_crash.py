@@ -3,12 +3,10 @@ epoch, while a metrics line is half written, during a run-checkpoint write, duri
 the final student writes) and re-run until done ends bit-identical to an uninterrupted run, with
 the same metrics.jsonl apart from timing fields.
 
-Each run is `cpsc-train` in a subprocess started through a small launcher (below) that SIGKILLs
-its own process at the planned point: `iteration:N` (before the N-th iteration of that process),
-`metrics:N` (half-way through writing the N-th metrics line), `commit:N` (during the N-th orbax
-commit, after the data and before the rename that makes it visible) and `student` (during the
-commit of the final student); `sigterm:N` sends SIGTERM instead, which must save the current
-iteration (not the last epoch's) and exit 143.
+Each run is `cpsc-train` in a subprocess started through `conftest.KILL_LAUNCHER`, which kills
+its own process at a planned point (mid epoch, in a metrics line, in an orbax commit, in the
+final student's write) or sends it SIGTERM, which must save the current iteration (not the last
+epoch's) and exit 143.
 """
 import json
 import os
@@ -18,67 +16,27 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, without_compilation_cache
+from conftest import KILL_LAUNCHER, REPO, without_compilation_cache
 from cpsc_jax.infra import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
 
-LAUNCHER = r"""
-import os, signal, sys
-plan = os.environ.get("CPSC_TEST_KILL", "")
-kind, _, n = plan.partition(":")
-n = int(n or 0)
-count = {"iteration": 0, "metrics": 0, "commit": 0}
-die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-if kind in ("iteration", "sigterm"):
-    from cpsc_jax.infra import runtime
-    original = runtime.stop_if_requested
-    def stop_if_requested(*args, **kwargs):
-        count["iteration"] += 1
-        if count["iteration"] == n:
-            if kind == "sigterm":   # what a cluster scheduler sends before it kills
-                os.kill(os.getpid(), signal.SIGTERM)
-            else:
-                die()
-        original(*args, **kwargs)
-    runtime.stop_if_requested = stop_if_requested
-if kind == "metrics":
-    from cpsc_jax.infra import metrics
-    write = metrics.JsonlWriter.write
-    def torn_write(self, step, record):
-        count["metrics"] += 1
-        if count["metrics"] == n:
-            with open(self.path, "a") as f:
-                f.write('{"step": %d, "half' % step)
-            die()
-        write(self, step, record)
-    metrics.JsonlWriter.write = torn_write
-if kind in ("commit", "student"):
-    from orbax.checkpoint._src.path import atomicity
-    commit = atomicity.on_commit_callback
-    async def on_commit(tmp_dir, **kw):
-        count["commit"] += 1
-        final = str(tmp_dir.get_final())
-        if (kind == "commit" and count["commit"] == n) or (
-                kind == "student" and "/student/" in final + "/"):
-            die()
-        return await commit(tmp_dir, **kw)
-    atomicity.on_commit_callback = on_commit
-from cpsc_jax.cli.train import main
-main(sys.argv)
-"""
 
+# A replay memory in the state, mixup and a generator re-initialised every epoch: everything a
+# resume has to restore. One uninterrupted run of these (`reference_run`) serves every test.
 ARGS = ["--config", "digits", "--config.batch_size=16", "--config.epochs=3",
         "--config.epoch_itrs=4", "--config.g_steps=1", "--config.s_steps=1",
         "--config.generator.nz=8", "--config.generator.ngf=4", "--config.log_every=1",
-        "--config.sample_columns=2", "--config.warmup_epochs=1"]
+        "--config.sample_columns=2", "--config.warmup_epochs=1",
+        "--config.student_data=fresh+replay", "--config.replay_size=64",
+        "--config.student_augment.mixup=1.0", "--config.generator_reinit_every=1"]
 TIMING = {"elapsed_s"}
 
 
 def _start(workdir, teacher, plan=""):
     env = dict(os.environ, JAX_PLATFORMS="cpu", CPSC_TEST_KILL=plan,
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return subprocess.Popen([sys.executable, "-c", LAUNCHER, *ARGS, f"--workdir={workdir}",
+    return subprocess.Popen([sys.executable, "-c", KILL_LAUNCHER, *ARGS, f"--workdir={workdir}",
                              f"--config.teacher.checkpoint={teacher}"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
 
@@ -163,33 +121,25 @@ def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path, digits_teach
 
 
 def test_sigterm_mid_epoch_saves_that_iteration_and_resumes_bit_identically(tmp_path,
-                                                                         digits_teacher):
+                                                                         digits_teacher,
+                                                                         reference_run):
     """SIGTERM (a preemption notice) mid epoch: the run saves the iteration it is at, exits 143,
-    and the re-run continues from there; with a replay memory in the state, mixup and a
-    re-initialised generator, the end equals an uninterrupted run."""
-    extra = ["--config.student_data=fresh+replay", "--config.replay_size=64",
-             "--config.student_augment.mixup=1.0", "--config.generator_reinit_every=1"]
-    global ARGS
-    saved_args, ARGS = ARGS, ARGS + extra
-    try:
-        reference = _start(tmp_path / "ref", digits_teacher)
-        workdir = tmp_path / "preempted"
-        r = _launch(workdir, digits_teacher, "sigterm:6")   # iteration 6 of 12: mid epoch 2
-        assert r.returncode == 143, (r.returncode, r.stderr[-3000:])
-        assert "SIGTERM" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
-        assert "saved iteration 5 of 12" in r.stdout, r.stdout[-2000:]
-        assert 5 in ckpt_lib.RunCheckpointer(str(workdir / "checkpoints")).all_steps()
-        done = _launch(workdir, digits_teacher)
-        ref = _finish(reference)
-    finally:
-        ARGS = saved_args
-    assert done.returncode == 0 and ref.returncode == 0, done.stderr[-3000:] + ref.stderr[-3000:]
+    and the re-run continues from there; the end equals an uninterrupted run."""
+    workdir = tmp_path / "preempted"
+    r = _launch(workdir, digits_teacher, "sigterm:6")   # iteration 6 of 12: mid epoch 2
+    assert r.returncode == 143, (r.returncode, r.stderr[-3000:])
+    assert "SIGTERM" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "saved iteration 5 of 12" in r.stdout, r.stdout[-2000:]
+    assert 5 in ckpt_lib.RunCheckpointer(str(workdir / "checkpoints")).all_steps()
+    done = _launch(workdir, digits_teacher)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from iteration 5" in done.stdout
-    _, a = ckpt_lib.load_model(str(tmp_path / "ref" / "student"))
+    ref = reference_run()
+    _, a = ckpt_lib.load_model(str(ref / "student"))
     _, b = ckpt_lib.load_model(str(workdir / "student"))
     assert np.array_equal(_flat(a), _flat(b)), "the resumed student differs"
     read = lambda d: [json.loads(l) for l in open(d / "metrics.jsonl")]
-    assert _without_timing(read(tmp_path / "ref")) == _without_timing(read(workdir))
+    assert _without_timing(read(ref)) == _without_timing(read(workdir))
 
 
 def test_sigterm_during_compilation_saves_the_first_iteration_and_resumes(tmp_path,

@@ -1,7 +1,8 @@
 """Several processes (jax.distributed on 127.0.0.1, CPU collectives over gloo): a tiny
 distillation (4 x 1 and 2 x 2 processes x devices) and a tiny teacher training (2 x 1) end
-with the parameters of one process with as many devices on the same global batch; runs killed
-after a checkpoint resume (on the same or another process count); process 0 alone writes.
+with the parameters of one process with as many devices on the same global batch; a run
+preempted mid epoch (SIGTERM to one process) or killed after a checkpoint resumes (on the same
+or another process count); process 0 alone writes.
 
 Processes are launched with explicit PIDs, ports on loopback only, and are killed in `finally`.
 """
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import KILL_LAUNCHER, REPO
 from cpsc_jax.infra import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
@@ -46,16 +47,21 @@ def _env(devices: int):
     return env
 
 
-def _launch(module, args, processes: int, devices: int, cwd):
+def _launch(module, args, processes: int, devices: int, cwd, plans=None):
     """Starts `processes` processes of `python -m module args` (a multi-process run when more
-    than one); returns the Popen objects."""
+    than one); returns the Popen objects. `plans`: {process index: CPSC_TEST_KILL plan} to run
+    those processes of cpsc-train through conftest.KILL_LAUNCHER."""
     port = _free_port()
     procs = []
     for i in range(processes):
         extra = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
                   f"--process_id={i}"] if processes > 1 else [])
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args, *extra],
-                                      env=_env(devices), cwd=str(cwd), stdout=subprocess.PIPE,
+        env, program = _env(devices), ["-m", module]
+        if plans and i in plans:
+            assert module == "cpsc_jax.cli.train"
+            env["CPSC_TEST_KILL"], program = plans[i], ["-c", KILL_LAUNCHER]
+        procs.append(subprocess.Popen([sys.executable, *program, *args, *extra],
+                                      env=env, cwd=str(cwd), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -129,22 +135,33 @@ def one_process_run(tmp_path_factory, digits_teacher):
     return run
 
 
-# Killed: every process is SIGKILLed after the first checkpoint and the run resumes as one
+# Preempted: one process of two gets SIGTERM mid epoch 2; JAX's preemption service tells both,
+# they save the same iteration (not the last epoch's) and exit 143, and the run resumes as one
 # process with all the devices (a checkpoint does not depend on the process count).
-@pytest.mark.parametrize("processes,devices,killed", [(2, 2, True), (4, 1, False)])
+@pytest.mark.parametrize("processes,devices,preempted", [(2, 2, True), (4, 1, False)])
 def test_distillation_over_processes_equals_one_process(tmp_path, digits_teacher, processes,
-                                                        devices, killed, one_process_run):
+                                                        devices, preempted, one_process_run):
     args = DISTIL + [f"--config.teacher.checkpoint={digits_teacher}"]
     total = processes * devices
     single = one_process_run(total)
 
     multi = tmp_path / "multi"
     margs = args + [f"--workdir={multi}"]
-    if killed:
-        _run_until_checkpoint("cpsc_jax.cli.train", margs, processes, devices, tmp_path,
-                              str(multi / "checkpoints"), 3)
+    if preempted:
+        procs = _launch("cpsc_jax.cli.train", margs, processes, devices, tmp_path,
+                        plans={1: "sigterm:5"})
+        try:
+            outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+        finally:
+            _kill(procs)
+        assert [p.returncode for p in procs] == [143] * processes, [e[-2000:] for _, e in outs]
+        saved = [l for l in outs[0][0].splitlines() if l.startswith("saved iteration")]
+        assert len(saved) == 1, outs[0][0][-2000:]
+        at = int(saved[0].split()[2])
+        assert 4 <= at < 9, saved        # after the signal, before the end
+        assert (multi / "checkpoints" / str(at)).is_dir()
         results = _run("cpsc_jax.cli.train", margs, 1, total, tmp_path)
-        assert "resuming from iteration 3" in results[0][1]
+        assert f"resuming from iteration {at}" in results[0][1]
     else:
         results = _run("cpsc_jax.cli.train", margs, processes, devices, tmp_path)
     for code, out, err in results[1:]:   # one writer: the others print nothing
@@ -156,6 +173,7 @@ def test_distillation_over_processes_equals_one_process(tmp_path, digits_teacher
     ra = json.loads((single / "results.json").read_text())
     rb = json.loads((multi / "results.json").read_text())
     assert ra["student_accuracy"] == pytest.approx(rb["student_accuracy"], abs=0.6)
+    assert rb["iterations"] == 9
 
     recs = _records(multi / "metrics.jsonl")
     keys = [(r["step"], tuple(sorted(r))) for r in recs]
@@ -176,31 +194,3 @@ def test_teacher_training_over_processes_equals_one_process(tmp_path):
     _, b = ckpt_lib.load_model(str(multi / "teacher"))
     np.testing.assert_allclose(_flat(a), _flat(b), rtol=2e-4, atol=2e-5)
     assert [r["epoch"] for r in _records(multi / "teacher_metrics.jsonl")] == [1, 2]
-
-
-def test_a_preemption_notice_to_one_process_saves_the_same_step_everywhere(tmp_path,
-                                                                           digits_teacher):
-    """SIGTERM to one process of two: JAX's preemption service tells both, they save the same
-    iteration (not the last epoch's) and exit 143; the same command resumes from there."""
-    args = [a for a in DISTIL if not a.startswith("--config.epoch_itrs")] + [
-        "--config.epoch_itrs=20", f"--config.teacher.checkpoint={digits_teacher}",
-        f"--workdir={tmp_path / 'run'}"]
-    procs = _launch("cpsc_jax.cli.train", args, 2, 1, tmp_path)
-    try:
-        deadline = time.time() + TIMEOUT_S
-        while not (tmp_path / "run" / "checkpoints" / "20").is_dir():
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                [p.communicate() for p in procs]
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
-    finally:
-        _kill(procs)
-    assert [p.returncode for p in procs] == [143, 143], [o[1][-2000:] for o in outs]
-    saved = [l for l in outs[0][0].splitlines() if l.startswith("saved iteration")]
-    assert len(saved) == 1, outs[0][0][-2000:]
-    at = int(saved[0].split()[2])
-    assert at >= 20 and (tmp_path / "run" / "checkpoints" / str(at)).is_dir()
-    results = _run("cpsc_jax.cli.train", args, 2, 1, tmp_path)
-    assert f"resuming from iteration {at}" in results[0][1]
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["iterations"] == 60

@@ -1,9 +1,9 @@
 """Parity with the released iteration: the JAX steps against the PyTorch mirror of the authors'
 code (cpsc_jax.pytorch.dfkd), same weights, same z and y, in float64 and float32.
 
-Each case runs one generator step, one student step, then a 2+2 iteration, and compares every
-loss term, every updated parameter and every BatchNorm running statistic (generator, student;
-the adapter's parameters, which the released code never changes). Tiny networks at 16x16, but
+Each case runs 2+2 iterations (G_steps 2, S_steps 2: two in float64, one in float32) and after
+each compares every loss term, every updated parameter and every BatchNorm running statistic (generator, student; the
+adapter's parameters, which the released code never changes). Tiny networks at 16x16, but
 every code path: log- and mse-form IKD, both CE forms, the adapter (frozen and trained),
 G_steps > 1, the per-epoch student learning-rate staircase.
 """
@@ -35,9 +35,9 @@ CASES = {
     "wrn_adapter": dict(teacher="wrn_16_2", student="wrn_16_1", classes=10, ikd_form="log",
                         ce_form="double_softmax"),
 }
-# Relative bounds. float64: the issue's. float32: measured with these cases on a 2-core x86 CPU
-# (largest relative differences: losses 1.1e-6, parameters and running statistics 9.7e-6, over
-# one generator step, one student step and a 2+2 iteration; docs/RESULTS.md), with 10x margin.
+# Relative bounds. float64: the issue's. float32: the largest relative difference measured with
+# these cases over one 2+2 iteration on a 2-core x86 CPU (1.07e-5, docs/RESULTS.md) with a
+# ~10x margin.
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
 # Absolute bound on the noise-driven tensors (see `noise_driven`). float32: none tighter than
 # Adam's step allows (each side moves at most lr_G per step). float64: measured at most 1.3e-8.
@@ -97,9 +97,7 @@ class Pair:
         teacher = _teacher_variables(config)
         self.state = _cast(state, dtype)
         self.teacher = _cast(teacher, dtype)
-        self.fns = {(g, s): steps.make_train_iteration(nets, config, 1, donate=False,
-                                                       g_steps=g, s_steps=s)
-                    for g, s in ((1, 0), (0, 1), (config.g_steps, config.s_steps))}
+        self.iteration = steps.make_train_iteration(nets, config, 1, donate=False)
         t_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
         self.torch = torch_dfkd.TorchDFKD(config, device="cpu", dtype=t_dtype)
         tm = self.torch
@@ -111,15 +109,17 @@ class Pair:
         if tm.A is not None:
             load_flax_variables(tm.A, {"params": state.adapter.params})
 
-    def run(self, g, s):
-        """`g` generator steps then `s` student steps on both sides; returns both metrics."""
-        state = self.state
+    def run(self):
+        """One iteration (g_steps generator steps, then s_steps student steps) on both sides;
+        returns both metrics."""
+        state, g, s = self.state, self.config.g_steps, self.config.s_steps
         draws = []
         for phase, n in (("generator", g), ("student", s)):
-            for key in (steps.phase_keys(state.rng, state.step, phase, n) if n else []):
+            for key in steps.phase_keys(state.rng, state.step, phase, n):
                 z, y = steps.sample_conditioning(key, self.config, 0, 1)
                 draws.append((phase, np.asarray(z), np.asarray(y)))
-        self.state, jax_metrics = self.fns[(g, s)](state, self.teacher, runtime.topology(1).device_ids())
+        self.state, jax_metrics = self.iteration(state, self.teacher,
+                                                 runtime.topology(1).device_ids())
         torch_metrics = {}
         for phase, z, y in draws:
             step = self.torch.generator_step if phase == "generator" else self.torch.student_step
@@ -187,12 +187,15 @@ def check_case(case, dtype, **overrides):
     with jax.enable_x64(dtype == "float64"):
         pair = Pair(config, dtype)
         initial = {k: a.copy() for k, (a, _) in pair.tensors().items()}
-        worst, generator_steps = [], 0
-        for g, s, what in ((1, 0, "one generator step"), (0, 1, "one student step"),
-                           (config.g_steps, config.s_steps, "a 2+2 iteration")):
-            jax_m, torch_m = pair.run(g, s)
-            generator_steps += g
-            worst.append(compare(pair, jax_m, torch_m, tol, what, generator_steps))
+        worst = []
+        # float64: two iterations, the second from the first's optimizer moments, running
+        # statistics and the next epoch's learning rate (one compiled program: single steps
+        # would add two compilations and check nothing this does not). float32: one, as the
+        # released generator's sign-like Adam steps turn rounding into chaos within a few.
+        for i in ((1, 2) if dtype == "float64" else (1,)):
+            jax_m, torch_m = pair.run()
+            worst.append(compare(pair, jax_m, torch_m, tol, f"iteration {i}",
+                                 i * config.g_steps))
         # The steps did move the networks (a comparison of untouched weights proves nothing).
         moved = {k for k, (a, _) in pair.tensors().items() if not np.array_equal(a, initial[k])}
         assert any(k.startswith("generator/") for k in moved)

@@ -336,6 +336,7 @@ def test_ablate_bad_grids(tmp_path, capsys, bad_files):
         code, _, err = run_cli("ablate", ["--config", "digits", "--grid", grid, "--workdir",
                                           tmp_path / "w"], capsys)
         assert_one_line_error(code, err, *words)
+        assert not (tmp_path / "w").exists()   # refused before any teacher is trained
 
 
 # ----------------------------------------------------------------------------- real processes

@@ -25,8 +25,9 @@ def run(F, argv) -> int:
     from cpsc_jax.teachers.training import resolve_teacher
     from cpsc_jax.method.trainer import train_and_evaluate
     grid = ablation.load_grid(F.grid)
-    workdir = runtime.prepare_workdir(F.workdir)
     config = F.config.copy_and_resolve_references()
+    ablation.row_configs(config, grid, lambda p: common.config_with_preset(F["config"], p))
+    workdir = runtime.prepare_workdir(F.workdir)   # every row is valid: now start
     # One teacher for every run: the config's, or WORKDIR/teacher trained once.
     teacher = resolve_teacher(config, workdir)
     config.teacher.checkpoint = teacher.path

@@ -88,6 +88,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any]
     return config
 
 
+def row_configs(config: ml_collections.ConfigDict, grid: Dict[str, Dict[str, Any]],
+                config_for_preset: Optional[PresetLoader] = None
+                ) -> Dict[str, ml_collections.ConfigDict]:
+    """{row: its config}; ConfigError at the first row that names an unknown field or preset."""
+    return {row: apply_overrides(config, overrides, row, config_for_preset)
+            for row, overrides in grid.items()}
+
+
 def run_summary(results: Dict[str, Any]) -> Dict[str, Optional[float]]:
     faithful = results.get("faithfulness") or {}
     return {"student_accuracy": results.get("student_accuracy"),
@@ -115,8 +123,7 @@ def run_sweep(config, grid: Dict[str, Dict[str, Any]], seeds: int, workdir: str,
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    configs = {row: apply_overrides(config, overrides, row, config_for_preset)
-               for row, overrides in grid.items()}
+    configs = row_configs(config, grid, config_for_preset)
     rows = []
     for row, overrides in grid.items():
         row_dir = os.path.join(workdir, row)

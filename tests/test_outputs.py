@@ -83,6 +83,7 @@ def test_tensorboard_resume_purges_repeated_steps_and_null_writer_is_silent(tmp_
     assert not metrics.summary_writer(str(tmp_path / "off"), enabled=False).enabled
 
 
+@pytest.mark.slow
 def test_the_iteration_reports_the_learning_rates_of_the_optimizers_schedules():
     config = tiny_digits_config("released")   # per_epoch student schedule, warm-up 1 epoch of 2 iterations
     _, history = run_iterations(config, 1, n_iters=4, report_learning_rates=True)

@@ -229,6 +229,7 @@ def test_float64_parity_with_options_switched():
 
 @pytest.mark.parametrize("change", ["ikd_through_teacher", "renormalised_adapter",
                                     "trained_adapter", "per_step_lr"])
+@pytest.mark.slow
 def test_each_released_oddity_is_detected(change, monkeypatch):
     """Each of the four behaviours of the released code, undone on one side only, breaks the
     float64 comparison: the test would catch a regression of any of them."""

@@ -54,6 +54,7 @@ def _run(config, num_devices=1, n_iters=2):
     return steps.build_networks(config, config.teacher.arch), state, history[-1]
 
 
+@pytest.mark.slow
 def test_generator_steps_store_their_images_and_labels():
     c = replay_config(replay_size=4 * 16)   # holds both generator steps of each iteration
     nets, state, _ = _run(c, n_iters=1)
@@ -72,6 +73,7 @@ def test_generator_steps_store_their_images_and_labels():
     assert np.all(state.memory.images[32:] == 0)   # not written yet
 
 
+@pytest.mark.slow
 def test_replay_student_steps_do_not_move_the_generator_statistics():
     """Fresh student steps run G in training mode (its running averages move, released code);
     replayed ones do not run G at all."""
@@ -86,6 +88,7 @@ def test_replay_student_steps_do_not_move_the_generator_statistics():
     assert np.isfinite(m["student/kd"])
 
 
+@pytest.mark.slow
 def test_fresh_plus_replay_trains_on_both_and_stores_every_fresh_batch():
     c = replay_config(student_data="fresh+replay", replay_size=8 * 16, replay_batch=8)
     nets, state, m = _run(c, n_iters=1)
@@ -103,6 +106,7 @@ def test_fresh_plus_replay_trains_on_both_and_stores_every_fresh_batch():
         validate_config(c_bad, num_devices=2)
 
 
+@pytest.mark.slow
 def test_generator_reinit_draws_a_new_generator_and_keeps_the_rest():
     c = replay_config(student_data="fresh+replay")
     nets, state, _ = _run(c, n_iters=1)

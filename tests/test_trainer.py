@@ -221,6 +221,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     assert not (tmp_path / "ckpt" / "3.orbax-checkpoint-tmp-123").exists()
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_in_process(tmp_path, digits_teacher_model):
     """End to end in one process, as flax/examples/imagenet/train_test.py does: a tiny config,
     a workdir, and every artefact a run promises."""
@@ -245,6 +246,7 @@ def test_train_and_evaluate_in_process(tmp_path, digits_teacher_model):
     assert best_spec.extra["epoch"] == results["best_epoch"]
 
 
+@pytest.mark.slow
 def test_a_collapsed_student_is_reported_in_the_log_metrics_and_results(tmp_path,
                                                                          digits_teacher_model):
     """An outsized student rate kills its ReLUs: it answers one class, and the run says so."""
@@ -277,6 +279,7 @@ def test_a_run_says_it_compiles_and_warns_once_when_it_would_take_hours(tmp_path
     assert "cifar10_cpu" in text
 
 
+@pytest.mark.slow
 def test_resuming_or_reopening_a_run_with_another_teacher_is_refused(tmp_path,
                                                                      digits_teacher_model):
     import dataclasses

@@ -63,9 +63,9 @@ def test_generator_output_depends_on_label_through_cbn_only():
     gen = ConditionalGenerator(num_classes=4, img_size=8, channels=1, nz=8, ngf=4)
     z = jnp.asarray(RNG.randn(4, 8), jnp.float32)
     y = jnp.array([0, 1, 2, 3])
-    v = gen.init(jax.random.PRNGKey(0), z, y)
-    run = lambda p, labels: gen.apply({"params": p, "batch_stats": v["batch_stats"]}, z, labels,
-                                      train=True, mutable=["batch_stats"])[0]
+    v = jax.jit(gen.init)(jax.random.PRNGKey(0), z, y)
+    run = jax.jit(lambda p, labels: gen.apply({"params": p, "batch_stats": v["batch_stats"]}, z,
+                                              labels, train=True, mutable=["batch_stats"])[0])
     out = run(v["params"], y)
     chex.assert_shape(out, (4, 8, 8, 1))
     # Initial CBN tables are identical for every class, so the label has no effect yet ...

@@ -179,17 +179,17 @@ def test_mixed_precision_keeps_activations_in_bfloat16_through_batchnorm():
     config = _tiny(mixed_precision=True)
     config.batch_size = 32
     nets = steps.build_networks(config, config.teacher.arch, axis_name=None)
-    state = steps.init_state(nets, config, jax.random.PRNGKey(0))
     z = jnp.zeros((config.batch_size, config.generator.nz))
     y = jnp.zeros((config.batch_size,), jnp.int32)
+    generator = jax.jit(nets.generator.init)(jax.random.PRNGKey(0), z, y)   # the generator only
     weights = jax.random.normal(jax.random.PRNGKey(1), (config.image_size,) * 2 + (config.channels,))
 
     def generate(params):
-        x, _ = nets.generator.apply({"params": params, "batch_stats": state.generator.batch_stats},
+        x, _ = nets.generator.apply({"params": params, "batch_stats": generator["batch_stats"]},
                                     z, y, train=True, mutable=["batch_stats"])
         return jnp.sum(x.astype(jnp.float32) * weights)   # linear: the loss itself saves nothing
 
-    residuals = [aval for aval, source in saved_residuals(generate, state.generator.params)
+    residuals = [aval for aval, source in saved_residuals(generate, generator["params"])
                  if "from the argument" not in source]
     # Activations: [B, H, W, C] with H x W > 1 (per-example class scales are [B, 1, 1, C]).
     activation = lambda a: a.ndim == 4 and a.shape[0] == config.batch_size and a.shape[1] > 1

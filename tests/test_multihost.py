@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import KILL_LAUNCHER, REPO
+from conftest import KILL_LAUNCHER
 from cpsc_jax.infra import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow

@@ -339,6 +339,25 @@ def test_ablate_bad_grids(tmp_path, capsys, bad_files):
         assert not (tmp_path / "w").exists()   # refused before any teacher is trained
 
 
+@pytest.mark.slow
+def test_ablate_runs_each_row_with_the_command_lines_overrides_and_teacher(tmp_path, capsys,
+                                                                         digits_teacher):
+    """A row naming a preset is the config file built with it plus the command line's
+    overrides; every run records the one teacher."""
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"as_given": {}, "released": {"preset": "released"}}))
+    code, out, err = run_cli("ablate", ["--config", "digits", *TINY, "--grid", grid, "--seeds", 1,
+                                        f"--config.teacher.checkpoint={digits_teacher}",
+                                        "--workdir", tmp_path / "w"], capsys)
+    assert code == 0, err[-3000:]
+    assert "| as_given |" in out and "| released |" in out
+    for row, ce_form in (("as_given", "plain"), ("released", "double_softmax")):
+        recorded = json.loads((tmp_path / "w" / row / "seed0" / "config.json").read_text())
+        assert recorded["loss.ce_form"] == ce_form, row
+        assert recorded["batch_size"] == 16 and recorded["epochs"] == 1, row
+        assert recorded["teacher.checkpoint"] == str(digits_teacher), row
+
+
 # ----------------------------------------------------------------------------- real processes
 
 def _cli(*args, **kw):

@@ -26,18 +26,16 @@ def run(F, argv) -> int:
     from cpsc_jax.method.trainer import train_and_evaluate
     grid = ablation.load_grid(F.grid)
     config = F.config.copy_and_resolve_references()
-    ablation.row_configs(config, grid, lambda p: common.config_with_preset(F["config"], p))
-    workdir = runtime.prepare_workdir(F.workdir)   # every row is valid: now start
+    config_for_preset = lambda preset: common.config_with_preset(F["config"], preset)
+    ablation.row_configs(config, grid, config_for_preset)   # a bad row fails here, not later
+    workdir = runtime.prepare_workdir(F.workdir)
     # One teacher for every run: the config's, or WORKDIR/teacher trained once.
     teacher = resolve_teacher(config, workdir)
-    config.teacher.checkpoint = teacher.path
 
-    def config_for_preset(preset):
-        c = common.config_with_preset(F["config"], preset)
-        c.teacher.checkpoint = teacher.path
-        return c
-    out = ablation.run_sweep(config, grid, F.seeds, workdir,
-                             lambda cfg, wd: train_and_evaluate(cfg, wd, teacher),
+    def distil(cfg, run_dir):
+        cfg.teacher.checkpoint = teacher.path   # recorded in the run's config.json
+        return train_and_evaluate(cfg, run_dir, teacher)
+    out = ablation.run_sweep(config, grid, F.seeds, workdir, distil,
                              config_for_preset=config_for_preset)
     print(ablation.format_table(out["rows"], out["seeds"]))
     return 0

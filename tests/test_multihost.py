@@ -1,8 +1,7 @@
 """Several processes (jax.distributed on 127.0.0.1, CPU collectives over gloo): a tiny
-distillation (4 x 1 and 2 x 2 processes x devices) and a tiny teacher training (2 x 1) end
-with the parameters of one process with as many devices on the same global batch; a run
-preempted mid epoch (SIGTERM to one process) or killed after a checkpoint resumes (on the same
-or another process count); process 0 alone writes.
+distillation (2 x 2 processes x devices, preempted, resumed as 4 x 1) and a tiny teacher
+training (2 x 1, killed after a checkpoint and resumed) end with the parameters of one process
+with as many devices on the same global batch; process 0 alone writes.
 
 Processes are launched with explicit PIDs, ports on loopback only, and are killed in `finally`.
 """
@@ -121,49 +120,37 @@ def _records(path):
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, digits_teacher):
-    """The reference: the tiny distillation in one process with `devices` devices (once per
-    device count; both parametrisations below have 4 in all)."""
-    runs = {}
-
-    def run(devices: int):
-        if devices not in runs:
-            cwd = tmp_path_factory.mktemp(f"single{devices}")
-            _run("cpsc_jax.cli.train", DISTIL + [f"--config.teacher.checkpoint={digits_teacher}",
-                                                 f"--workdir={cwd / 'run'}"], 1, devices, cwd)
-            runs[devices] = cwd / "run"
-        return runs[devices]
-    return run
+    """The reference: the tiny distillation in one process with four devices."""
+    cwd = tmp_path_factory.mktemp("single4")
+    _run("cpsc_jax.cli.train", DISTIL + [f"--config.teacher.checkpoint={digits_teacher}",
+                                         f"--workdir={cwd / 'run'}"], 1, 4, cwd)
+    return cwd / "run"
 
 
-# Preempted: one process of two gets SIGTERM mid epoch 2; JAX's preemption service tells both,
-# they save the same iteration (not the last epoch's) and exit 143, and the run resumes as one
-# process with all the devices (a checkpoint does not depend on the process count).
-@pytest.mark.parametrize("processes,devices,preempted", [(2, 2, True), (4, 1, False)])
-def test_distillation_over_processes_equals_one_process(tmp_path, digits_teacher, processes,
-                                                        devices, preempted, one_process_run):
+# One process of two (2 devices each) gets SIGTERM mid epoch 2; JAX's preemption service tells
+# both, they save the same iteration (not the last epoch's) and exit 143; the run resumes as four
+# processes of one device (a checkpoint does not depend on the process count) and ends with the
+# parameters of one process with four devices.
+def test_distillation_over_processes_equals_one_process(tmp_path, digits_teacher,
+                                                        one_process_run):
     args = DISTIL + [f"--config.teacher.checkpoint={digits_teacher}"]
-    total = processes * devices
-    single = one_process_run(total)
+    single = one_process_run
 
     multi = tmp_path / "multi"
     margs = args + [f"--workdir={multi}"]
-    if preempted:
-        procs = _launch("cpsc_jax.cli.train", margs, processes, devices, tmp_path,
-                        plans={1: "sigterm:5"})
-        try:
-            outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
-        finally:
-            _kill(procs)
-        assert [p.returncode for p in procs] == [143] * processes, [e[-2000:] for _, e in outs]
-        saved = [l for l in outs[0][0].splitlines() if l.startswith("saved iteration")]
-        assert len(saved) == 1, outs[0][0][-2000:]
-        at = int(saved[0].split()[2])
-        assert 4 <= at < 9, saved        # after the signal, before the end
-        assert (multi / "checkpoints" / str(at)).is_dir()
-        results = _run("cpsc_jax.cli.train", margs, 1, total, tmp_path)
-        assert f"resuming from iteration {at}" in results[0][1]
-    else:
-        results = _run("cpsc_jax.cli.train", margs, processes, devices, tmp_path)
+    procs = _launch("cpsc_jax.cli.train", margs, 2, 2, tmp_path, plans={1: "sigterm:5"})
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        _kill(procs)
+    assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for _, e in outs]
+    saved = [l for l in outs[0][0].splitlines() if l.startswith("saved iteration")]
+    assert len(saved) == 1, outs[0][0][-2000:]
+    at = int(saved[0].split()[2])
+    assert 4 <= at < 9, saved        # after the signal, before the end
+    assert (multi / "checkpoints" / str(at)).is_dir()
+    results = _run("cpsc_jax.cli.train", margs, 4, 1, tmp_path)
+    assert f"resuming from iteration {at}" in results[0][1]
     for code, out, err in results[1:]:   # one writer: the others print nothing
         assert _own_lines(out) == [], out
 

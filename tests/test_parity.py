@@ -95,8 +95,10 @@ class Pair:
         self.nets = nets
         state = steps.init_state(nets, config, jax.random.PRNGKey(0))
         teacher = _teacher_variables(config)
-        self.state = _cast(state, dtype)
-        self.teacher = _cast(teacher, dtype)
+        # Placed as the iteration returns its state: the second iteration reuses the program.
+        topo = runtime.topology(1)
+        self.state = runtime.replicate(_cast(state, dtype), topo)
+        self.teacher = runtime.replicate(_cast(teacher, dtype), topo)
         self.iteration = steps.make_train_iteration(nets, config, 1, donate=False)
         t_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
         self.torch = torch_dfkd.TorchDFKD(config, device="cpu", dtype=t_dtype)

@@ -222,12 +222,19 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_and_evaluate_in_process(tmp_path, digits_teacher_model):
+def test_train_and_evaluate_in_process(tmp_path, digits_teacher_model, monkeypatch):
     """End to end in one process, as flax/examples/imagenet/train_test.py does: a tiny config,
     a workdir, and every artefact a run promises."""
+    from cpsc_jax.infra import plots
+    drawn = []
+    run_curves = plots.run_curves
+    monkeypatch.setattr(plots, "run_curves", lambda history, *a, **k: (
+        drawn.append(len(history)), run_curves(history, *a, **k))[1])
     config = tiny_digits_config()
     workdir = tmp_path / "run"
     results = train_and_evaluate(config, str(workdir), digits_teacher_model, log=quiet)
+    # Epochs of a second: the curves are drawn once, with every evaluation, at the last one.
+    assert drawn == [config.epochs], drawn
     assert results["iterations"] == config.epochs * config.epoch_itrs
     assert 0.0 <= results["student_accuracy"] <= 100.0
     assert set(results["faithfulness"]) >= {"agreement", "confidence", "diversity",

@@ -3,7 +3,7 @@ cpsc-jax[plots]`).
 
 `run_curves` draws one run's history (student accuracy and teacher agreement against iterations
 and wall time, and the last evaluation's per-class agreement); the trainer writes it into
-WORKDIR/plots/ at every evaluation. `accuracy_against_time` compares runs (seeds of several
+WORKDIR/plots/ at the evaluations. `accuracy_against_time` compares runs (seeds of several
 settings) on one wall-clock axis, as docs/RESULTS.md shows them.
 """
 import json

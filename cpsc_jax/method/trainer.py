@@ -176,6 +176,7 @@ class Distillation:
         self.teacher_vars = runtime.replicate(self.teacher.variables, self.topo)
         self.step = self.start = int(state.step)
         self.saved = {"step": self.start, "at": time.time()}
+        self.curves_drawn_at = time.time()   # the first curves after CURVES_MIN_INTERVAL_S
 
     def _open_outputs(self):
         config, topo = self.config, self.topo
@@ -340,11 +341,16 @@ class Distillation:
                  + (" | " + collapse.warning(health) if health["collapsed"] else ""))
 
     def draw(self, epoch, generated, predicted):
-        """The epoch's sample grid (PNG and TensorBoard) and the run's curves."""
+        """The epoch's sample grid (PNG and TensorBoard) and the run's curves (redrawn at the
+        last epoch and at most every CURVES_MIN_INTERVAL_S: in a run of short epochs drawing
+        them would cost more than training)."""
         grid = save_samples(os.path.join(self.workdir, "samples", f"epoch_{epoch:04d}.png"),
                             generated, self.probe, predicted, self.config, self.mean, self.std)
         self.out.write_image(self.step, "samples", grid)
-        if plots.available():
+        due = (epoch == self.config.epochs
+               or time.time() - self.curves_drawn_at >= CURVES_MIN_INTERVAL_S)
+        if due and plots.available():
+            self.curves_drawn_at = time.time()
             plots.run_curves(self.meta["history"], os.path.join(self.workdir, "plots", "curves.png"),
                              f"{self.config.student.arch} from {self.teacher.name}")
 
@@ -407,6 +413,8 @@ class Distillation:
         return (f"{kept}; lower the adversarial weight (config.loss.alpha) or the learning "
                 "rates and re-run.")
 
+
+CURVES_MIN_INTERVAL_S = 30.0
 
 # A run longer than this at the pace of its first iterations is said to be one, once.
 LONG_RUN_S = 3 * 3600

@@ -54,23 +54,32 @@ def _run(config, num_devices=1, n_iters=2):
     return steps.build_networks(config, config.teacher.arch), state, history[-1]
 
 
+@pytest.fixture(scope="module")
+def fresh_plus_replay():
+    """One iteration (2 generator steps, 2 student steps) of fresh+replay with a pool that
+    holds all it writes: (config, networks, state, metrics), shared by the tests below."""
+    c = replay_config(student_data="fresh+replay", replay_size=8 * 16, replay_batch=8)
+    return (c,) + _run(c, n_iters=1)
+
+
 @pytest.mark.slow
-def test_generator_steps_store_their_images_and_labels():
-    c = replay_config(replay_size=4 * 16)   # holds both generator steps of each iteration
-    nets, state, _ = _run(c, n_iters=1)
-    assert int(state.memory.count) == c.g_steps * c.batch_size
+def test_generator_steps_store_their_images_and_labels(fresh_plus_replay):
+    c, nets, state, _ = fresh_plus_replay
     init = steps.init_state(nets, c, jax.random.PRNGKey(0))
     keys = steps.phase_keys(init.rng, 0, "generator", c.g_steps)
     # The first generator step's images: G(z, y) with the generator's initial parameters.
     z, y = steps.sample_conditioning(keys[0], c, 0, 1)
-    x = nets.generator.clone(axis_name=None).apply(
-        {"params": init.generator.params, "batch_stats": init.generator.batch_stats}, z, y,
-        train=True, mutable=["batch_stats"])[0]
+    x = jax.jit(lambda v, z, y: nets.generator.clone(axis_name=None).apply(
+        v, z, y, train=True, mutable=["batch_stats"])[0])(
+        {"params": init.generator.params, "batch_stats": init.generator.batch_stats}, z, y)
     np.testing.assert_array_equal(state.memory.labels[:16], np.asarray(y))
     assert state.memory.images.dtype == jnp.bfloat16   # stored compactly
     np.testing.assert_allclose(np.asarray(state.memory.images[:16], np.float32), np.asarray(x),
                                rtol=8e-3, atol=1e-5)
-    assert np.all(state.memory.images[32:] == 0)   # not written yet
+    _, y2 = steps.sample_conditioning(keys[1], c, 0, 1)   # the second step's, after it
+    np.testing.assert_array_equal(state.memory.labels[16:32], np.asarray(y2))
+    written = (c.g_steps + c.s_steps) * c.batch_size
+    assert np.all(state.memory.images[written:] == 0)   # not written yet
 
 
 @pytest.mark.slow
@@ -89,9 +98,8 @@ def test_replay_student_steps_do_not_move_the_generator_statistics():
 
 
 @pytest.mark.slow
-def test_fresh_plus_replay_trains_on_both_and_stores_every_fresh_batch():
-    c = replay_config(student_data="fresh+replay", replay_size=8 * 16, replay_batch=8)
-    nets, state, m = _run(c, n_iters=1)
+def test_fresh_plus_replay_trains_on_both_and_stores_every_fresh_batch(fresh_plus_replay):
+    c, nets, state, m = fresh_plus_replay
     # Each generator step and each student step's fresh batch went in.
     assert int(state.memory.count) == (c.g_steps + c.s_steps) * c.batch_size
     assert np.isfinite(m["student/kd"])
@@ -107,9 +115,8 @@ def test_fresh_plus_replay_trains_on_both_and_stores_every_fresh_batch():
 
 
 @pytest.mark.slow
-def test_generator_reinit_draws_a_new_generator_and_keeps_the_rest():
-    c = replay_config(student_data="fresh+replay")
-    nets, state, _ = _run(c, n_iters=1)
+def test_generator_reinit_draws_a_new_generator_and_keeps_the_rest(fresh_plus_replay):
+    c, nets, state, _ = fresh_plus_replay
     again = steps.reinit_generator(nets, c, state, 1)
     other = steps.reinit_generator(nets, c, state, 2)
     fresh = steps.init_state(nets, c, jax.random.PRNGKey(0)).generator

@@ -15,7 +15,7 @@ from cpsc_jax.tools import benchmark as bm
 from cpsc_jax.method import losses
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--config", str(REPO / "configs" / "mnist.py") + ":released", "--config.batch_size=8",
+TINY = ["--config", str(REPO / "configs" / "digits.py") + ":released", "--config.batch_size=8",
         "--config.g_steps=1", "--config.s_steps=1", "--config.generator.ngf=8",
         "--iters=2", "--warmup=1", "--nophases",
         "--force"]   # the tests time nothing they compare: a busy machine must not refuse them

@@ -85,6 +85,14 @@ def _tiny(**overrides):
     return c
 
 
+@pytest.fixture(scope="module")
+def tiny_iteration():
+    """`_tiny()`'s iteration on 2 devices, built and run once for the tests that read it:
+    (iteration, state, teacher variables, device ids, (state, metrics) after one iteration)."""
+    _, iteration, state, teacher_vars, ids = _setup(_tiny(), 2)
+    return iteration, state, teacher_vars, ids, jax.device_get(iteration(state, teacher_vars, ids))
+
+
 # ----------------------------------------------------------------------------- conv gradients
 
 
@@ -158,8 +166,9 @@ MIXED_PRECISION_TOLERANCE = {"metrics": 7e-3, "tensors": 3e-2}
 
 @pytest.mark.slow
 @two_devices
-def test_mixed_precision_iteration_stays_close_to_float32():
-    fp32_state, fp32_metrics = run_iterations(_tiny())
+def test_mixed_precision_iteration_stays_close_to_float32(tiny_iteration):
+    fp32_state, metrics = tiny_iteration[4]
+    fp32_metrics = [metrics]
     bf16_state, bf16_metrics = run_iterations(_tiny(mixed_precision=True))
     for tree in (bf16_state.generator.params, bf16_state.student.params,
                  bf16_state.student.batch_stats, bf16_metrics[0]):
@@ -301,13 +310,11 @@ def test_iteration_and_teacher_step_export_for_cuda_and_tpu(gradients):
 
 @pytest.mark.slow
 @two_devices
-def test_exported_iteration_runs_like_the_iteration_on_cpu():
+def test_exported_iteration_runs_like_the_iteration_on_cpu(tiny_iteration):
     """Exported for cpu too, the exported iteration computes what the iteration does."""
     from jax import export
-    config = _tiny()
-    _, iteration, state, teacher_vars, ids = _setup(config, 2)
+    iteration, state, teacher_vars, ids, (want_state, want_metrics) = tiny_iteration
     exported = export.export(iteration, platforms=("cpu", "cuda", "tpu"))(state, teacher_vars, ids)
-    want_state, want_metrics = iteration(state, teacher_vars, ids)
     got_state, got_metrics = exported.call(state, teacher_vars, ids)
     # Same program, compiled without the data-parallel function's XLA:CPU options (convs on
     # YNNPACK): float rounding differs, so absolute bounds for near-zero entries.
@@ -368,12 +375,14 @@ def test_batchnorm_takes_one_all_reduce_per_direction():
     assert _all_reduces(both.compile().as_text()) == 2
 
 
-def _iteration_all_reduces(config, monkeypatch=None, old_moments=False):
+def _iteration_all_reduces(config, monkeypatch=None, old_moments=False, built=None):
+    """All-reduces in the lowered and in the compiled iteration of `config` on 2 devices
+    (`built`: its (iteration, state, teacher variables, device ids) if already made)."""
     if old_moments:
         monkeypatch.setattr(layers, "batch_moments",
                             lambda x, axis_name=None, shift=None: _two_pass_moments(
                                 layers.at_least_float32(x), axis_name))
-    _, iteration, state, teacher_vars, ids = _setup(config, 2)
+    iteration, state, teacher_vars, ids = built or _setup(config, 2)[1:]
     lowered = iteration.lower(state, teacher_vars, ids)
     return _all_reduces(lowered.as_text()), _all_reduces(lowered.compile().as_text())
 
@@ -386,12 +395,12 @@ BN_LAYER_DIRECTIONS = 30
 
 @pytest.mark.slow
 @two_devices
-def test_iteration_all_reduce_counts(monkeypatch):
+def test_iteration_all_reduce_counts(monkeypatch, tiny_iteration):
     """Counts all-reduces in the iteration (2 devices; a scan body counts once): fused moments
     take one per BN layer and direction where two sequential pmeans took two; "local" BN
     statistics take one per BN layer in training mode (running averages), none backward."""
     config = _tiny()
-    fused = _iteration_all_reduces(config)
+    fused = _iteration_all_reduces(config, built=tiny_iteration[:4])
     local = _iteration_all_reduces(_tiny(bn_sync="local"))
     two_pass = _iteration_all_reduces(config, monkeypatch, old_moments=True)
     print(f"all-reduces (StableHLO, compiled): two pmeans {two_pass}, fused {fused}, "

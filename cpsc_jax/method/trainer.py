@@ -414,6 +414,7 @@ class Distillation:
                 "rates and re-run.")
 
 
+# The run's curves are redrawn at most this often (and at the last epoch).
 CURVES_MIN_INTERVAL_S = 30.0
 
 # A run longer than this at the pace of its first iterations is said to be one, once.

@@ -31,7 +31,9 @@ def _without_times(history):
 
 @pytest.mark.slow
 def test_interrupted_then_resumed_run_equals_straight_run(tmp_path, digits_teacher,
-                                                         digits_teacher_model):
+                                                         digits_teacher_model, monkeypatch):
+    from cpsc_jax.method import trainer
+    monkeypatch.setattr(trainer, "CURVES_MIN_INTERVAL_S", 1e9)   # curves only where due anyway
     teacher = digits_teacher_model
     config = tiny_digits_config()
     config.teacher.checkpoint = digits_teacher
@@ -44,6 +46,7 @@ def test_interrupted_then_resumed_run_equals_straight_run(tmp_path, digits_teach
     assert train_and_evaluate(config, str(tmp_path / "split"), teacher, log=quiet,
                               stop_after_epochs=1) == {"stopped_at_step": config.epoch_itrs}
     assert not (tmp_path / "split" / "student").exists()
+    assert (tmp_path / "split" / "plots" / "curves.png").is_file()   # drawn when it stops
     resumed = train_and_evaluate(config, str(tmp_path / "split"), teacher, log=quiet)
     _, a = ckpt_lib.load_model(straight["student_checkpoint"])
     _, b = ckpt_lib.load_model(resumed["student_checkpoint"])

@@ -177,6 +177,7 @@ class Distillation:
         self.step = self.start = int(state.step)
         self.saved = {"step": self.start, "at": time.time()}
         self.curves_drawn_at = time.time()   # the first curves after CURVES_MIN_INTERVAL_S
+        self.curves_step = None               # the iteration the curves were last drawn at
 
     def _open_outputs(self):
         config, topo = self.config, self.topo
@@ -248,6 +249,8 @@ class Distillation:
             self.end_epoch()
             epochs_run += 1
             if stop_after_epochs is not None and epochs_run >= stop_after_epochs and step < total:
+                if self.topo.is_writer and self.curves_step != step:
+                    self.draw_curves()   # the curves so far, however short the epochs
                 self.say(f"stopping after {epochs_run} epoch(s) as asked; re-run to resume")
                 return {"stopped_at_step": step}
         return self.finish()
@@ -347,10 +350,14 @@ class Distillation:
         grid = save_samples(os.path.join(self.workdir, "samples", f"epoch_{epoch:04d}.png"),
                             generated, self.probe, predicted, self.config, self.mean, self.std)
         self.out.write_image(self.step, "samples", grid)
-        due = (epoch == self.config.epochs
-               or time.time() - self.curves_drawn_at >= CURVES_MIN_INTERVAL_S)
-        if due and plots.available():
+        if (epoch == self.config.epochs
+                or time.time() - self.curves_drawn_at >= CURVES_MIN_INTERVAL_S):
+            self.draw_curves()
+
+    def draw_curves(self):
+        if plots.available() and self.meta["history"]:
             self.curves_drawn_at = time.time()
+            self.curves_step = self.meta["history"][-1]["step"]
             plots.run_curves(self.meta["history"], os.path.join(self.workdir, "plots", "curves.png"),
                              f"{self.config.student.arch} from {self.teacher.name}")
 

@@ -355,6 +355,7 @@ class Distillation:
             self.draw_curves()
 
     def draw_curves(self):
+        """WORKDIR/plots/curves.png from every evaluation so far (with matplotlib)."""
         if plots.available() and self.meta["history"]:
             self.curves_drawn_at = time.time()
             self.curves_step = self.meta["history"][-1]["step"]

@@ -177,7 +177,6 @@ class Distillation:
         self.step = self.start = int(state.step)
         self.saved = {"step": self.start, "at": time.time()}
         self.curves_drawn_at = time.time()   # the first curves after CURVES_MIN_INTERVAL_S
-        self.curves_step = None               # the iteration the curves were last drawn at
 
     def _open_outputs(self):
         config, topo = self.config, self.topo
@@ -246,11 +245,11 @@ class Distillation:
                 self.log_iteration(metrics)
             if not epoch_end:
                 continue
-            self.end_epoch()
             epochs_run += 1
-            if stop_after_epochs is not None and epochs_run >= stop_after_epochs and step < total:
-                if self.topo.is_writer and self.curves_step != step:
-                    self.draw_curves()   # the curves so far, however short the epochs
+            stopping = (stop_after_epochs is not None and epochs_run >= stop_after_epochs
+                        and step < total)
+            self.end_epoch(last=stopping or step == total)
+            if stopping:
                 self.say(f"stopping after {epochs_run} epoch(s) as asked; re-run to resume")
                 return {"stopped_at_step": step}
         return self.finish()
@@ -289,7 +288,9 @@ class Distillation:
         return {"params": self.state.student.params,
                 "batch_stats": self.state.student.batch_stats}
 
-    def end_epoch(self):
+    def end_epoch(self, last: bool = False):
+        """Evaluates, records, draws and checkpoints the epoch just run (`last`: of this
+        invocation, so the curves are drawn whatever the interval)."""
         config, state, step, meta = self.config, self.state, self.step, self.meta
         epoch = step // config.epoch_itrs
         if not runtime.all_finite((state.student.params, state.generator.params)):
@@ -318,7 +319,7 @@ class Distillation:
                                 "accuracies": accs, "faithfulness": faithful,
                                 "collapse": health, "elapsed_s": round(total_elapsed, 1)})
         if self.topo.is_writer:
-            self.draw(epoch, generated, predicted)
+            self.draw(epoch, generated, predicted, last)
         # The record goes first: a kill before the checkpoint below only repeats this epoch.
         self.out.write(step, {"epoch": epoch, "student_accuracy": acc,
                               "best_student_accuracy": meta["best_student_accuracy"],
@@ -343,22 +344,16 @@ class Distillation:
         self.say(f"epoch {epoch}/{config.epochs}: {acc_text}{faithfulness.summary(faithful)}"
                  + (" | " + collapse.warning(health) if health["collapsed"] else ""))
 
-    def draw(self, epoch, generated, predicted):
+    def draw(self, epoch, generated, predicted, last: bool):
         """The epoch's sample grid (PNG and TensorBoard) and the run's curves (redrawn at the
-        last epoch and at most every CURVES_MIN_INTERVAL_S: in a run of short epochs drawing
-        them would cost more than training)."""
+        last epoch of this invocation and at most every CURVES_MIN_INTERVAL_S: in a run of
+        short epochs drawing them would cost more than training)."""
         grid = save_samples(os.path.join(self.workdir, "samples", f"epoch_{epoch:04d}.png"),
                             generated, self.probe, predicted, self.config, self.mean, self.std)
         self.out.write_image(self.step, "samples", grid)
-        if (epoch == self.config.epochs
-                or time.time() - self.curves_drawn_at >= CURVES_MIN_INTERVAL_S):
-            self.draw_curves()
-
-    def draw_curves(self):
-        """WORKDIR/plots/curves.png from every evaluation so far (with matplotlib)."""
-        if plots.available() and self.meta["history"]:
+        due = last or time.time() - self.curves_drawn_at >= CURVES_MIN_INTERVAL_S
+        if due and plots.available():
             self.curves_drawn_at = time.time()
-            self.curves_step = self.meta["history"][-1]["step"]
             plots.run_curves(self.meta["history"], os.path.join(self.workdir, "plots", "curves.png"),
                              f"{self.config.student.arch} from {self.teacher.name}")
 

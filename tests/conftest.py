@@ -1,12 +1,23 @@
-"""Test setup: two simulated CPU devices (set before JAX is imported), one compilation cache for
-the session, and tiny shared configs."""
+"""Test setup: two simulated CPU devices and cheaper XLA compilation (set before JAX is
+imported), one compilation cache for the session, and tiny shared configs."""
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=2").strip()
+# The suite is mostly XLA compilation, and XLA:CPU's older loop emitters compile faster than its
+# fusion emitters (docs/RESULTS.md, "the suite's time"). Users' runs keep XLA's defaults.
+TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a process of the tests with `devices` simulated CPU devices."""
+    return (os.environ.get("CPSC_TEST_BASE_XLA_FLAGS", "") + f" {TEST_XLA_FLAGS}"
+            f" --xla_force_host_platform_device_count={devices}").strip()
+
+
+os.environ.setdefault("CPSC_TEST_BASE_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = xla_flags(2)
 
 # One persistent XLA compilation cache for the whole session, the tests' subprocesses included
 # (they inherit the environment): the tiny configs compile the same programs in many tests and
@@ -37,7 +48,8 @@ def without_compilation_cache(env):
 # its own process: `iteration:N` before the N-th iteration of this process, `metrics:N` half-way
 # through writing the N-th metrics line, `commit:N` during the N-th orbax commit (after the data,
 # before the rename that makes it visible), `student` during the final student's commit; or
-# `sigterm:N` sends SIGTERM before the N-th iteration (what a cluster scheduler sends first).
+# `sigterm:N` / `sigint:N` sends SIGTERM (what a cluster scheduler sends first) / SIGINT (Ctrl-C)
+# before the N-th iteration.
 KILL_LAUNCHER = r"""
 import os, signal, sys
 plan = os.environ.get("CPSC_TEST_KILL", "")
@@ -45,14 +57,14 @@ kind, _, n = plan.partition(":")
 n = int(n or 0)
 count = {"iteration": 0, "metrics": 0, "commit": 0}
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-if kind in ("iteration", "sigterm"):
+if kind in ("iteration", "sigterm", "sigint"):
     from cpsc_jax.infra import runtime
     original = runtime.stop_if_requested
     def stop_if_requested(*args, **kwargs):
         count["iteration"] += 1
         if count["iteration"] == n:
-            if kind == "sigterm":   # what a cluster scheduler sends before it kills
-                os.kill(os.getpid(), signal.SIGTERM)
+            if kind in ("sigterm", "sigint"):
+                os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
             else:
                 die()
         original(*args, **kwargs)

@@ -66,7 +66,7 @@ def stock_teacher():
     train = data_lib.load_split({"name": "digits"}, "train")
     x_all = data_lib.normalize(train.images, DIGITS.mean, DIGITS.std)
     model = StockCNN()
-    variables = model.init(jax.random.PRNGKey(0), x_all[:2])
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x_all[:2])
     tx = optax.sgd(0.1, momentum=0.9)
 
     @jax.jit
@@ -111,6 +111,11 @@ def _bn_inputs(model, variables, x):
     return {"BatchNorm_0": h0, "BatchNorm_1": h1}
 
 
+def _jit(fn, **kwargs):
+    """fn(variables, x, **kwargs) as one compiled program (op by op, each op compiles alone)."""
+    return jax.jit(functools.partial(fn, **kwargs))
+
+
 def test_stock_flax_classifier_works_once_wrapped(stock_teacher):
     model, variables = stock_teacher
     x = jax.random.normal(jax.random.PRNGKey(1), (6,) + SHAPE)
@@ -118,34 +123,35 @@ def test_stock_flax_classifier_works_once_wrapped(stock_teacher):
         model.apply(variables, x, train=False, features=True)
     net = wrap(model)
     # Same variables, same tree: the wrapper shares the module's scope.
-    init = net.init(jax.random.PRNGKey(0), x)
+    init = jax.eval_shape(net.init, jax.random.PRNGKey(0), x)
     assert jax.tree.structure(init) == jax.tree.structure(variables)
-    (logits, feature), cols = net.apply(variables, x, train=False, features=True,
-                                        mutable=[BN_MOMENTS])
-    np.testing.assert_array_equal(logits, model.apply(variables, x, train=False))
+    (logits, feature), cols = _jit(net.apply, train=False, features=True,
+                                   mutable=[BN_MOMENTS])(variables, x)
+    np.testing.assert_allclose(logits, _jit(model.apply, train=False)(variables, x), atol=1e-6)
     assert feature.shape == (6, 16)   # the head's input
     assert jax.tree.structure(cols[BN_MOMENTS]) == jax.tree.structure(variables["batch_stats"])
-    for name, h in _bn_inputs(model, variables, x).items():
+    bn_inputs = jax.jit(functools.partial(_bn_inputs, model))(variables, x)
+    for name, h in bn_inputs.items():
         np.testing.assert_allclose(cols[BN_MOMENTS][name]["mean"], h.mean((0, 1, 2)), atol=1e-5)
         np.testing.assert_allclose(cols[BN_MOMENTS][name]["var"], h.var((0, 1, 2)), atol=1e-5)
     # A named layer's output, pooled over space; a user function.
-    _, conv_feature = wrap(model, feature_layer="Conv_1").apply(variables, x, features=True)
+    _, conv_feature = _jit(wrap(model, feature_layer="Conv_1").apply, features=True)(variables, x)
     assert conv_feature.shape == (6, 16)
     fn = lambda m, x, train: (m(x, train=train), x.reshape(x.shape[0], -1))
-    _, flat = wrap(model, feature_fn=fn).apply(variables, x, features=True)
+    _, flat = _jit(wrap(model, feature_fn=fn).apply, features=True)(variables, x)
     np.testing.assert_array_equal(flat, x.reshape(6, -1))
     with pytest.raises(WrapError, match="feature_layer='Conv_9' was not called.*Conv_0"):
-        wrap(model, feature_layer="Conv_9").apply(variables, x, features=True)
+        _jit(wrap(model, feature_layer="Conv_9").apply, features=True)(variables, x)
     # Training mode updates the user's batch_stats as the module itself would.
-    _, upd = net.apply(variables, x, train=True, mutable=["batch_stats"])
-    _, ref = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, upd = _jit(net.apply, train=True, mutable=["batch_stats"])(variables, x)
+    _, ref = _jit(model.apply, train=True, mutable=["batch_stats"])(variables, x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), upd, ref)
 
 
 def test_bn_moments_are_global_across_devices_and_apply_functions_work(stock_teacher):
     model, variables = stock_teacher
     x = jax.random.normal(jax.random.PRNGKey(2), (8,) + SHAPE)
-    full = _bn_inputs(model, variables, x)
+    full = jax.jit(functools.partial(_bn_inputs, model))(variables, x)
     n = jax.local_device_count()
     net = wrap(model).for_run(axis_name="batch")
     cols = jax.pmap(lambda v, x: net.apply(v, x, features=True, mutable=[BN_MOMENTS])[1],
@@ -155,11 +161,12 @@ def test_bn_moments_are_global_across_devices_and_apply_functions_work(stock_tea
                                    np.broadcast_to(h.var((0, 1, 2)), (n, h.shape[-1])), atol=1e-5)
     # A bare apply function: same logits, feature and moments as the wrapped module.
     fn_net = wrap(functools.partial(model.apply, train=False), variables)
-    (a, fa), ca = fn_net.apply(variables, x, features=True, mutable=[BN_MOMENTS])
-    (b, fb), cb = wrap(model).apply(variables, x, features=True, mutable=[BN_MOMENTS])
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(fa, fb)
-    jax.tree.map(np.testing.assert_array_equal, ca, cb)
+    (a, fa), ca = _jit(fn_net.apply, features=True, mutable=[BN_MOMENTS])(variables, x)
+    (b, fb), cb = _jit(wrap(model).apply, features=True, mutable=[BN_MOMENTS])(variables, x)
+    same = functools.partial(np.testing.assert_allclose, atol=1e-6)
+    same(a, b)
+    same(fa, fb)
+    jax.tree.map(same, ca, cb)
 
 
 @pytest.mark.slow

@@ -1,6 +1,4 @@
 """The collapsed-student check (cpsc_jax.method.collapse) and its place in a run's outputs."""
-import json
-import os
 
 import numpy as np
 

@@ -1,12 +1,12 @@
-"""Nothing is lost on a crash: a tiny distillation killed with SIGKILL at several points (mid
-epoch, while a metrics line is half written, during a run-checkpoint write, during the best and
-the final student writes) and re-run until done ends bit-identical to an uninterrupted run, with
-the same metrics.jsonl apart from timing fields.
+"""Nothing is lost on a crash: one tiny distillation stopped in every way a run can stop —
+SIGTERM while XLA compiles and mid epoch (save the iteration it is at, exit 143), Ctrl-C (save,
+exit 130, say how to resume), SIGKILL mid epoch, in a half-written metrics line, during a
+run-checkpoint write and during the final student's write — and re-run after each, ends
+bit-identical to an uninterrupted run, with the same metrics.jsonl apart from timing fields.
 
-Each run is `cpsc-train` in a subprocess started through `conftest.KILL_LAUNCHER`, which kills
-its own process at a planned point (mid epoch, in a metrics line, in an orbax commit, in the
-final student's write) or sends it SIGTERM, which must save the current iteration (not the last
-epoch's) and exit 143.
+Each run is `cpsc-train` in a subprocess started through `conftest.KILL_LAUNCHER`, which stops
+its own process at a planned point. One chain of runs in one directory, so every resume starts
+from what the previous stop left (the stops are the test, the runs between them are shared).
 """
 import json
 import os
@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import KILL_LAUNCHER, REPO, without_compilation_cache
+from conftest import KILL_LAUNCHER, REPO, without_compilation_cache, xla_flags
 from cpsc_jax.infra import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ TIMING = {"elapsed_s"}
 
 def _start(workdir, teacher, plan=""):
     env = dict(os.environ, JAX_PLATFORMS="cpu", CPSC_TEST_KILL=plan,
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla_flags(1))
     return subprocess.Popen([sys.executable, "-c", KILL_LAUNCHER, *ARGS, f"--workdir={workdir}",
                              f"--config.teacher.checkpoint={teacher}"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
@@ -81,17 +81,66 @@ def reference_run(tmp_path_factory, digits_teacher):
         proc.kill()
 
 
-def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path, digits_teacher,
-                                                          reference_run):
+def _launch_and_sigterm_while_compiling(workdir, teacher):
+    """A run without the compilation cache, sent SIGTERM once it says it compiles."""
+    import signal
+    env = without_compilation_cache(dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                                         XLA_FLAGS=xla_flags(1)))
+    proc = subprocess.Popen([sys.executable, "-m", "cpsc_jax.cli.train", *ARGS,
+                             f"--workdir={workdir}", f"--config.teacher.checkpoint={teacher}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=str(REPO))
+    try:
+        for line in proc.stdout:
+            if line.startswith("compiling the iteration"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_stopped_every_way_and_resumed_equals_uninterrupted(tmp_path, digits_teacher,
+                                                            reference_run):
+    # 12 iterations (3 epochs of 4), run checkpoints after 4, 8, 12 and wherever a notice saves;
+    # metrics lines: one per iteration + per epoch. A plan's N counts this process's iterations.
     workdir = tmp_path / "crashed"
+
+    # A notice while XLA compiles: the first iteration is finished and saved, exit 143.
+    r = _launch_and_sigterm_while_compiling(workdir, digits_teacher)
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert "saved iteration 1 of 12" in r.stdout, r.stdout[-2000:]
+
+    # SIGTERM mid epoch 2 (before the 5th iteration of this process: global 6): iteration 5 saved.
+    r = _launch(workdir, digits_teacher, "sigterm:5")
+    assert "resuming from iteration 1" in r.stdout, r.stdout[-2000:]
+    assert r.returncode == 143, (r.returncode, r.stderr[-3000:])
+    assert "SIGTERM" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "saved iteration 5 of 12" in r.stdout, r.stdout[-2000:]
+    assert 5 in ckpt_lib.RunCheckpointer(str(workdir / "checkpoints")).all_steps()
+
+    # Ctrl-C before global iteration 7: iteration 6 saved once, exit 130, how to go on.
+    r = _launch(workdir, digits_teacher, "sigint:2")
+    assert "resuming from iteration 5" in r.stdout, r.stdout[-2000:]
+    assert r.returncode == 130, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "re-run the same command to continue" in r.stderr.strip().splitlines()[-1]
+    saved = [l for l in r.stdout.splitlines() if l.startswith("saved iteration")]
+    assert len(saved) == 1 and saved[0].startswith("saved iteration 6 of 12"), saved
+    assert (workdir / "checkpoints" / "6").is_dir()
+
     evidence = []
-    # 12 iterations, checkpoints after 4, 8, 12; metrics lines: one per iteration + per epoch.
-    for plan in ("iteration:7",     # mid epoch 2: epoch 1's checkpoint is the last
-                 "metrics:3",       # a torn metrics line (epoch 2's 3rd iteration record)
-                 "commit:2",        # the second orbax commit of this process: a run checkpoint
-                 "student"):        # during the final student's write
+    for plan, resumes_from in (
+            ("iteration:2", 6),   # SIGKILL before global iteration 8: mid epoch, nothing saved
+            ("metrics:3", 6),     # a torn metrics line
+            ("commit:2", None),   # the second orbax commit of this process: a run checkpoint
+            ("student", None)):   # during the final student's write
         r = _launch(workdir, digits_teacher, plan)
         assert r.returncode == -9, (plan, r.returncode, r.stderr[-3000:])
+        if resumes_from:
+            assert f"resuming from iteration {resumes_from}" in r.stdout, (plan, r.stdout[-2000:])
         tmp_dirs = [p for p in workdir.rglob("*") if ".orbax-checkpoint-tmp" in p.name]
         evidence.append((plan, len(tmp_dirs), (workdir / "student").exists(),
                          ckpt_lib.is_model_checkpoint(str(workdir / "student"))))
@@ -118,57 +167,3 @@ def test_killed_anywhere_and_resumed_equals_uninterrupted(tmp_path, digits_teach
     assert rb["elapsed_s"] > ra["elapsed_s"] * 0.5   # killed invocations' time is counted too
     assert not [p for p in (workdir / "checkpoints").iterdir()
                 if ".orbax-checkpoint-tmp" in p.name], "torn checkpoint left behind"
-
-
-def test_sigterm_mid_epoch_saves_that_iteration_and_resumes_bit_identically(tmp_path,
-                                                                         digits_teacher,
-                                                                         reference_run):
-    """SIGTERM (a preemption notice) mid epoch: the run saves the iteration it is at, exits 143,
-    and the re-run continues from there; the end equals an uninterrupted run."""
-    workdir = tmp_path / "preempted"
-    r = _launch(workdir, digits_teacher, "sigterm:6")   # iteration 6 of 12: mid epoch 2
-    assert r.returncode == 143, (r.returncode, r.stderr[-3000:])
-    assert "SIGTERM" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "saved iteration 5 of 12" in r.stdout, r.stdout[-2000:]
-    assert 5 in ckpt_lib.RunCheckpointer(str(workdir / "checkpoints")).all_steps()
-    done = _launch(workdir, digits_teacher)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from iteration 5" in done.stdout
-    ref = reference_run()
-    _, a = ckpt_lib.load_model(str(ref / "student"))
-    _, b = ckpt_lib.load_model(str(workdir / "student"))
-    assert np.array_equal(_flat(a), _flat(b)), "the resumed student differs"
-    read = lambda d: [json.loads(l) for l in open(d / "metrics.jsonl")]
-    assert _without_timing(read(ref)) == _without_timing(read(workdir))
-
-
-def test_sigterm_during_compilation_saves_the_first_iteration_and_resumes(tmp_path,
-                                                                          digits_teacher,
-                                                                          reference_run):
-    """A notice while XLA compiles: the run finishes that first iteration, saves it, exits
-    143; the re-run resumes from iteration 1 and ends like an uninterrupted run."""
-    import signal
-    workdir = tmp_path / "early"
-    env = without_compilation_cache(dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                                         XLA_FLAGS="--xla_force_host_platform_device_count=1"))
-    proc = subprocess.Popen([sys.executable, "-m", "cpsc_jax.cli.train", *ARGS,
-                             f"--workdir={workdir}", f"--config.teacher.checkpoint={digits_teacher}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=str(REPO))
-    try:
-        for line in proc.stdout:
-            if line.startswith("compiling the iteration"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err[-3000:]
-    assert "saved iteration 1 of 12" in out, out[-2000:]
-    done = _launch(workdir, digits_teacher)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from iteration 1" in done.stdout
-    _, a = ckpt_lib.load_model(str(reference_run() / "student"))
-    _, b = ckpt_lib.load_model(str(workdir / "student"))
-    assert np.array_equal(_flat(a), _flat(b)), "the resumed student differs"

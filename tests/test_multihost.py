@@ -1,5 +1,5 @@
 """Several processes (jax.distributed on 127.0.0.1, CPU collectives over gloo): a tiny
-distillation (2 x 2 processes x devices, preempted, resumed as 4 x 1) and a tiny teacher
+distillation (2 x 2 processes x devices, preempted, resumed as 1 x 4) and a tiny teacher
 training (2 x 1, killed after a checkpoint and resumed) end with the parameters of one process
 with as many devices on the same global batch; process 0 alone writes.
 
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import KILL_LAUNCHER
+from conftest import KILL_LAUNCHER, xla_flags
 from cpsc_jax.infra import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 def _env(devices: int):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     env.pop("CPSC_TRACEBACK", None)
     return env
 
@@ -128,9 +128,10 @@ def one_process_run(tmp_path_factory, digits_teacher):
 
 
 # One process of two (2 devices each) gets SIGTERM mid epoch 2; JAX's preemption service tells
-# both, they save the same iteration (not the last epoch's) and exit 143; the run resumes as four
-# processes of one device (a checkpoint does not depend on the process count) and ends with the
-# parameters of one process with four devices.
+# both, they save the same iteration (not the last epoch's) and exit 143; the run resumes as one
+# process of four devices (a checkpoint, the sharded replay memory included, does not depend on
+# the process count; the reference's compiled program serves it) and ends with the parameters
+# of the reference. A multi-process run to the end: the teacher-training test below.
 def test_distillation_over_processes_equals_one_process(tmp_path, digits_teacher,
                                                         one_process_run):
     args = DISTIL + [f"--config.teacher.checkpoint={digits_teacher}"]
@@ -144,15 +145,14 @@ def test_distillation_over_processes_equals_one_process(tmp_path, digits_teacher
     finally:
         _kill(procs)
     assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for _, e in outs]
+    assert _own_lines(outs[1][0]) == [], outs[1][0]   # one writer: the other prints nothing
     saved = [l for l in outs[0][0].splitlines() if l.startswith("saved iteration")]
     assert len(saved) == 1, outs[0][0][-2000:]
     at = int(saved[0].split()[2])
     assert 4 <= at < 9, saved        # after the signal, before the end
     assert (multi / "checkpoints" / str(at)).is_dir()
-    results = _run("cpsc_jax.cli.train", margs, 4, 1, tmp_path)
+    results = _run("cpsc_jax.cli.train", margs, 1, 4, tmp_path)
     assert f"resuming from iteration {at}" in results[0][1]
-    for code, out, err in results[1:]:   # one writer: the others print nothing
-        assert _own_lines(out) == [], out
 
     _, a = ckpt_lib.load_model(str(single / "student"))
     _, b = ckpt_lib.load_model(str(multi / "student"))

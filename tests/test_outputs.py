@@ -141,18 +141,27 @@ def test_profile_steps_is_a_validated_config_field():
 # ------------------------------------------------------------------------------ PyTorch export
 
 def _randomised_variables(arch, num_classes, size, channels, seed):
-    """Initialised weights plus BatchNorm running statistics away from (0, 1), so that a
-    layout or normalisation slip in the export cannot hide."""
+    """Random weights (LeCun-normal kernels, as Flax initialises them) plus BatchNorm scales
+    and running statistics away from (1, 0, 1), so that a layout or normalisation slip in the
+    export cannot hide. Drawn with NumPy into the shapes `init` would give: initialising the
+    deep networks op by op would compile hundreds of small programs."""
     from cpsc_jax.models import get_model
     model = get_model(arch, num_classes)
-    x = jnp.zeros((1, size, size, channels), jnp.float32)
-    variables = model.init(jax.random.PRNGKey(seed), x)
+    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), x)
     rng = np.random.default_rng(seed)
-    stats = jax.tree_util.tree_map_with_path(
-        lambda p, v: (rng.uniform(0.5, 1.5, v.shape) if jax.tree_util.keystr(p).endswith("'var']")
-                      else rng.normal(0, 0.1, v.shape)).astype(np.float32),
-        variables.get("batch_stats", {}))
-    return model, {"params": variables["params"], "batch_stats": stats}
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("'kernel']"):
+            value = rng.normal(0, 1 / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape)
+        elif name.endswith(("'var']", "'scale']")):
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        else:
+            value = rng.normal(0, 0.1, leaf.shape)
+        return value.astype(np.float32)
+    variables = jax.tree_util.tree_map_with_path(draw, shapes)
+    return model, {k: variables[k] for k in ("params", "batch_stats") if k in variables}
 
 
 def _export_cases():

@@ -173,8 +173,10 @@ def test_one_and_two_devices_agree_with_replay_and_augmentation():
                                np.asarray(two.memory.images, np.float32), rtol=8e-3, atol=1e-5)
     for k in m1:
         np.testing.assert_allclose(m1[k], m2[k], rtol=2e-4, atol=1e-5, err_msg=k)
+    # Two steps on mixed, augmented replays: one device count's summation order moves a
+    # parameter near 0.01 by a few 1e-5.
     for a, b in zip(jax.tree.leaves(one.student.params), jax.tree.leaves(two.student.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-5)
 
 
 def test_a_ring_whose_size_is_not_a_batch_multiple_wraps_around():

@@ -1,14 +1,11 @@
 """Teacher training: augmentation, the data-parallel step, resume, metrics and the checkpoint."""
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

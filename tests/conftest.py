@@ -16,6 +16,11 @@ def xla_flags(devices: int) -> str:
             f" --xla_force_host_platform_device_count={devices}").strip()
 
 
+# Compile options that give one program XLA's default emitters back: the WRN programs of the
+# parity tests compile faster with them, and parity is about the numerics users' runs get.
+USERS_EMITTERS = {"xla_cpu_use_fusion_emitters": True}
+
+
 os.environ.setdefault("CPSC_TEST_BASE_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 os.environ["XLA_FLAGS"] = xla_flags(2)
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import USERS_EMITTERS, load_config
 from cpsc_jax.infra import runtime
 from cpsc_jax.method import steps
 from cpsc_jax.infra.checkpoint import ModelSpec, init_variables
@@ -100,6 +100,7 @@ class Pair:
         self.state = runtime.replicate(_cast(state, dtype), topo)
         self.teacher = runtime.replicate(_cast(teacher, dtype), topo)
         self.iteration = steps.make_train_iteration(nets, config, 1, donate=False)
+        self.compiled = None   # compiled at the first run, with XLA's default emitters
         t_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
         self.torch = torch_dfkd.TorchDFKD(config, device="cpu", dtype=t_dtype)
         tm = self.torch
@@ -120,8 +121,12 @@ class Pair:
             for key in steps.phase_keys(state.rng, state.step, phase, n):
                 z, y = steps.sample_conditioning(key, self.config, 0, 1)
                 draws.append((phase, np.asarray(z), np.asarray(y)))
-        self.state, jax_metrics = self.iteration(state, self.teacher,
-                                                 runtime.topology(1).device_ids())
+        ids = runtime.topology(1).device_ids()
+        if self.compiled is None:
+            options = USERS_EMITTERS if jax.default_backend() == "cpu" else None
+            self.compiled = self.iteration.lower(state, self.teacher, ids).compile(
+                compiler_options=options)
+        self.state, jax_metrics = self.compiled(state, self.teacher, ids)
         torch_metrics = {}
         for phase, z, y in draws:
             step = self.torch.generator_step if phase == "generator" else self.torch.student_step

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 # A replay memory in the state, mixup and a generator re-initialised every epoch: everything a
-# resume has to restore. One uninterrupted run of these (`reference_run`) serves every test.
+# resume has to restore. The uninterrupted run of these is `reference_run`.
 ARGS = ["--config", "digits", "--config.batch_size=16", "--config.epochs=3",
         "--config.epoch_itrs=4", "--config.g_steps=1", "--config.s_steps=1",
         "--config.generator.nz=8", "--config.generator.ngf=4", "--config.log_every=1",
@@ -33,9 +33,13 @@ ARGS = ["--config", "digits", "--config.batch_size=16", "--config.epochs=3",
 TIMING = {"elapsed_s"}
 
 
-def _start(workdir, teacher, plan=""):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", CPSC_TEST_KILL=plan,
+def _start(workdir, teacher, plan="", cached=True):
+    """`cpsc-train ARGS` through the kill launcher; `cached=False`: without the compilation
+    cache, so that it really compiles."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CPSC_TEST_KILL=plan, PYTHONUNBUFFERED="1",
                XLA_FLAGS=xla_flags(1))
+    if not cached:
+        env = without_compilation_cache(env)
     return subprocess.Popen([sys.executable, "-c", KILL_LAUNCHER, *ARGS, f"--workdir={workdir}",
                              f"--config.teacher.checkpoint={teacher}"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
@@ -65,8 +69,8 @@ def _flat(variables):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, digits_teacher):
-    """The uninterrupted run of ARGS, started at once (it runs beside the first crashing runs)
-    and shared by the tests below that compare with it; call it for its directory."""
+    """The uninterrupted run of ARGS, started at once (it runs beside the first stopped runs);
+    call it for its directory once the comparison is due."""
     workdir = tmp_path_factory.mktemp("reference") / "ref"
     proc = _start(workdir, digits_teacher)
     done = {}
@@ -84,22 +88,12 @@ def reference_run(tmp_path_factory, digits_teacher):
 def _launch_and_sigterm_while_compiling(workdir, teacher):
     """A run without the compilation cache, sent SIGTERM once it says it compiles."""
     import signal
-    env = without_compilation_cache(dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                                         XLA_FLAGS=xla_flags(1)))
-    proc = subprocess.Popen([sys.executable, "-m", "cpsc_jax.cli.train", *ARGS,
-                             f"--workdir={workdir}", f"--config.teacher.checkpoint={teacher}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=str(REPO))
-    try:
-        for line in proc.stdout:
-            if line.startswith("compiling the iteration"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    proc = _start(workdir, teacher, cached=False)
+    for line in proc.stdout:
+        if line.startswith("compiling the iteration"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    return _finish(proc)
 
 
 def test_stopped_every_way_and_resumed_equals_uninterrupted(tmp_path, digits_teacher,

@@ -1,6 +1,6 @@
 """`pip install .` gives a working package: the wheel declares its dependencies and extras,
-carries the configs, and its console commands run the digits default from a directory outside
-the checkout, in a fresh virtualenv."""
+carries the configs, and README's first command and the console commands run the digits default
+with it from a directory outside the checkout, in a fresh virtualenv."""
 import json
 import os
 import subprocess
@@ -11,6 +11,7 @@ import zipfile
 import pytest
 
 from conftest import REPO
+from cpsc_jax.infra import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,11 @@ def test_wheel_declares_dependencies_extras_and_commands(wheel):
     assert not any(n.startswith(("tests/", "configs/", "scripts/")) for n in names)
 
 
-def test_wheel_runs_the_digits_default_outside_the_checkout(wheel, tmp_path):
+def test_wheel_runs_the_readme_command_outside_the_checkout(wheel, tmp_path):
+    """The suite's one end-to-end run of the embedded default: README's first command (the
+    script, shrunk) with the package from the wheel, in a fresh venv, from a directory outside
+    the checkout; it trains the teacher, distils and writes every artefact. Then the console
+    commands: `cpsc-evaluate` on the student, `cpsc-train` on a bad config (one line)."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     bin_dir = venv / "bin"
@@ -70,14 +75,35 @@ def test_wheel_runs_the_digits_default_outside_the_checkout(wheel, tmp_path):
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("PYTHONPATH", None)
-    r = subprocess.run([str(bin_dir / "cpsc-train"), "--config", "digits", "--workdir", "run",
-                        "--config.epochs=1", "--config.epoch_itrs=5",
-                        "--config.teacher.training.epochs=2", "--config.log_every=5"],
+    # The script's own directory leads sys.path, not the checkout: cpsc_jax is the wheel's.
+    r = subprocess.run([py, str(REPO / "scripts" / "train.py"),
+                        "--config", str(REPO / "configs" / "digits.py"), "--workdir", "run",
+                        "--config.epochs=2", "--config.epoch_itrs=10",
+                        "--config.teacher.training.epochs=3", "--config.log_every=5"],
                        capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["iterations"] == 5 and results["teacher_accuracy"] > 50
+    assert "ETA" in r.stdout and "student" in r.stdout
+    workdir = tmp_path / "run"
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["iterations"] == 20 and results["teacher_accuracy"] > 80.0
+    assert results["student_accuracy"] > 30.0          # well above chance (10%) after 20 iterations
+    assert results["best_student_accuracy"] >= results["student_accuracy"]
+    assert len(results["history"]) == 2
+    assert (workdir / "samples" / "epoch_0002.png").read_bytes().startswith(b"\x89PNG")
+    records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    assert any("student_accuracy" in r for r in records)
+    assert any("generator/loss" in r for r in records)
+    assert ckpt_lib.load_model_spec(str(workdir / "student")).arch == "small_cnn_half"
+
     r = subprocess.run([str(bin_dir / "cpsc-evaluate"), "--checkpoint", "run/student",
                         "--data", "digits"], capture_output=True, text=True, cwd=str(tmp_path),
                        env=env, timeout=300)
-    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["num_examples"] == 359
+    assert r.returncode == 0, r.stderr[-3000:]
+    evaluated = json.loads(r.stdout.strip().splitlines()[-1])
+    assert evaluated["num_examples"] == 359
+    assert evaluated["accuracy"] == pytest.approx(results["student_accuracy"])
+    bad = subprocess.run([str(bin_dir / "cpsc-train"), "--config", "digits", "--workdir", "bad",
+                          "--config.student.arch=nope"], capture_output=True, text=True,
+                         cwd=str(tmp_path), env=env, timeout=300)
+    assert bad.returncode != 0
+    assert "unknown model 'nope'" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

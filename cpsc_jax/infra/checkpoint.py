@@ -9,7 +9,6 @@ write it; training, evaluation and export read it. `mean`/`std` are the input no
 network expects: whoever feeds it real images applies them.
 """
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cpsc_jax.errors import UserError
-from cpsc_jax.models import get_model
+from cpsc_jax.models import compiled_init, get_model
 
 MODEL_FORMAT = "cpsc_jax.model/1"
 
@@ -51,21 +50,10 @@ class ModelSpec:
         return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_init(arch: str, num_classes: int, image_size: int, channels: int):
-    model = get_model(arch, num_classes)
-    x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
-    init = jax.jit(lambda rng: model.init(rng, x))
-    try:  # runs once: XLA's backend optimisations cost seconds of compile time and save nothing
-        return init.lower(jax.random.PRNGKey(0)).compile(
-            compiler_options={"xla_backend_optimization_level": 0})
-    except Exception:  # a backend without the option
-        return init
-
-
 def init_variables(spec: ModelSpec, rng) -> Dict[str, Any]:
     """Freshly initialised `params` (and `batch_stats`) of the network a spec names."""
-    variables = _compiled_init(spec.arch, spec.num_classes, spec.image_size, spec.channels)(rng)
+    x = jnp.zeros((1, spec.image_size, spec.image_size, spec.channels), jnp.float32)
+    variables = compiled_init(spec.build(), rng, x)
     return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
 
 

@@ -22,7 +22,7 @@ from cpsc_jax.method import objectives, replay
 from cpsc_jax.infra import runtime
 from cpsc_jax.training.augment import mixup, random_crop_flip
 from cpsc_jax.dtypes import at_least_float32
-from cpsc_jax.models import ConditionalGenerator, FeatureAdapter, get_model
+from cpsc_jax.models import ConditionalGenerator, FeatureAdapter, compiled_init, get_model
 from cpsc_jax.models.layers import LayerOptions, with_options
 from cpsc_jax.training.state import TrainState
 from cpsc_jax.method.optimizers import (adapter_optimizer, generator_optimizer,
@@ -85,15 +85,8 @@ def feature_dim(model: nn.Module, config) -> int:
     return shapes[0][1].shape[-1]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init(module: nn.Module, rng, *inputs):
-    """`module.init` compiled as one program (op by op, every primitive compiles alone), once
-    per network and input shape: a re-initialised generator reuses it."""
-    return module.init(rng, *inputs)
-
-
 def _init_generator(nets: Networks, config, rng) -> TrainState:
-    g_vars = _init(nets.generator.clone(axis_name=None), rng,
+    g_vars = compiled_init(nets.generator.clone(axis_name=None), rng,
                    jnp.zeros((2, config.generator.nz)), jnp.zeros((2,), jnp.int32))
     return TrainState.create(apply_fn=nets.generator.apply, params=g_vars["params"],
                              batch_stats=g_vars["batch_stats"], tx=generator_optimizer(config))
@@ -103,14 +96,14 @@ def init_state(nets: Networks, config, rng) -> DistillState:
     """Fresh generator, student and adapter states (initialised outside pmap, no axis)."""
     k_gen, k_stu, k_ada, k_run = jax.random.split(rng, 4)
     x = jnp.zeros((2, config.image_size, config.image_size, config.channels), jnp.float32)
-    s_vars = _init(nets.student.clone(axis_name=None), k_stu, x)
+    s_vars = compiled_init(nets.student.clone(axis_name=None), k_stu, x)
     generator = _init_generator(nets, config, k_gen)
     student = TrainState.create(apply_fn=nets.student.apply, params=s_vars["params"],
                                 batch_stats=s_vars.get("batch_stats", {}),
                                 tx=student_optimizer(config, config.s_steps))
     adapter = None
     if nets.adapter is not None:
-        a_vars = _init(nets.adapter, k_ada, jnp.zeros((2, nets.adapter.hidden)))
+        a_vars = compiled_init(nets.adapter, k_ada, jnp.zeros((2, nets.adapter.hidden)))
         adapter = TrainState.create(apply_fn=nets.adapter.apply, params=a_vars["params"],
                                     tx=adapter_optimizer(config))
     memory = replay.create(config)

@@ -11,6 +11,7 @@ it again before loading), export. The command-line tools see them when the regis
 imported first: list such modules in the environment variable `CPSC_JAX_MODELS` (comma-separated
 import paths), or declare an entry point in the group `cpsc_jax.models` (name -> constructor).
 """
+import functools
 import importlib
 import os
 import sys
@@ -87,8 +88,8 @@ def _forget_cached(name: str) -> None:
     # Shape caches keyed by name would otherwise describe the previous network.
     for key in [k for k in _MIN_SIZE if k[0] == name]:
         del _MIN_SIZE[key]
-    for module, function in (("cpsc_jax.infra.checkpoint", "_compiled_init"),
-                             ("cpsc_jax.teachers.convert", "_layout")):
+    _init_program.cache_clear()
+    for module, function in (("cpsc_jax.teachers.convert", "_layout"),):
         cached = getattr(sys.modules.get(module), function, None)
         if cached is not None:
             cached.cache_clear()
@@ -134,8 +135,35 @@ def get_model(name: str, num_classes: int, axis_name: Optional[str] = None, dtyp
     return constructor(num_classes, axis_name=axis_name, dtype=dtype)
 
 
+def compiled_init(module, rng, *inputs):
+    """`module.init(rng, *inputs)` as one program, compiled once per module and input shapes
+    without XLA's backend optimisations: it runs once per run (or per generator
+    re-initialisation), where those optimisations cost seconds of compile time and save nothing
+    (docs/RESULTS.md, "initialising"); op by op, every primitive would compile alone."""
+    import jax
+    import jax.numpy as jnp
+    if any(isinstance(a, jax.core.Tracer) for a in (rng,) + inputs):   # inside a trace
+        return jax.jit(module.init)(rng, *inputs)
+    avals = tuple(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in (rng,) + inputs)
+    try:
+        program = _init_program(module, avals, jnp.result_type(float))   # float: x64 on or off
+    except TypeError:   # an unhashable module (a field holding a dict): compiled each time
+        program = jax.jit(module.init)
+    return program(rng, *inputs)
+
+
+@functools.lru_cache(maxsize=32)
+def _init_program(module, avals, float_dtype):
+    import jax
+    init = jax.jit(module.init)
+    try:
+        return init.lower(*avals).compile(compiler_options={"xla_backend_optimization_level": 0})
+    except Exception:  # noqa: BLE001 - a backend without the option; errors of init surface below
+        return init
+
+
 __all__ = ["BN_MOMENTS", "BUILT_IN", "BatchNorm", "ConditionalBatchNorm", "ConditionalGenerator",
-           "FeatureAdapter", "available_models", "get_model", "register_model",
+           "FeatureAdapter", "available_models", "compiled_init", "get_model", "register_model",
            "unregister_model"]
 
 

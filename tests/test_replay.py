@@ -129,6 +129,9 @@ def test_generator_reinit_draws_a_new_generator_and_keeps_the_rest(fresh_plus_re
     assert moved(state.generator.params, again.generator.params)
     assert moved(again.generator.params, other.generator.params)   # epoch-dependent draw
     assert int(again.generator.step) == 0
+    # The same tree structure (the optimizer object included): the compiled iteration runs it
+    # without compiling again.
+    assert jax.tree.structure(again) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves((state.student, state.memory)),
                     jax.tree.leaves((again.student, again.memory))):
         np.testing.assert_array_equal(a, b)

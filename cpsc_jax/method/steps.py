@@ -85,9 +85,13 @@ def feature_dim(model: nn.Module, config) -> int:
     return shapes[0][1].shape[-1]
 
 
+def _generator_variables(nets: Networks, config, rng):
+    return compiled_init(nets.generator.clone(axis_name=None), rng,
+                         jnp.zeros((2, config.generator.nz)), jnp.zeros((2,), jnp.int32))
+
+
 def _init_generator(nets: Networks, config, rng) -> TrainState:
-    g_vars = compiled_init(nets.generator.clone(axis_name=None), rng,
-                   jnp.zeros((2, config.generator.nz)), jnp.zeros((2,), jnp.int32))
+    g_vars = _generator_variables(nets, config, rng)
     return TrainState.create(apply_fn=nets.generator.apply, params=g_vars["params"],
                              batch_stats=g_vars["batch_stats"], tx=generator_optimizer(config))
 
@@ -115,7 +119,14 @@ def reinit_generator(nets: Networks, config, state: DistillState, epoch: int) ->
     run's key and `epoch` (`config.generator_reinit_every`): it stops settling on the images
     it has learned to make, while the student and the replay memory keep what it made."""
     key = jax.random.fold_in(jax.random.fold_in(state.rng, 0x6E17), epoch)
-    return state.replace(generator=_init_generator(nets, config, key))
+    g_vars = _generator_variables(nets, config, key)
+    # New values in the same TrainState: its optimizer and apply function are part of the
+    # state's tree structure, and new ones (equal in every setting) would make the compiled
+    # iteration miss its cache and compile again.
+    gen = state.generator
+    return state.replace(generator=gen.replace(
+        step=0, params=g_vars["params"], batch_stats=g_vars["batch_stats"],
+        opt_state=gen.tx.init(g_vars["params"])))
 
 
 def sample_conditioning(rng, config, device_index, num_devices: int):

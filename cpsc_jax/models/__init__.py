@@ -139,7 +139,8 @@ def compiled_init(module, rng, *inputs):
     """`module.init(rng, *inputs)` as one program, compiled once per module and input shapes
     without XLA's backend optimisations: it runs once per run (or per generator
     re-initialisation), where those optimisations cost seconds of compile time and save nothing
-    (docs/RESULTS.md, "initialising"); op by op, every primitive would compile alone."""
+    (docs/RESULTS.md, "Figures behind design choices"); op by op, every primitive would compile
+    alone."""
     import jax
     import jax.numpy as jnp
     if any(isinstance(a, jax.core.Tracer) for a in (rng,) + inputs):   # inside a trace

@@ -1,6 +1,5 @@
 """The two sides timed: the project's pmapped iteration (JAX) and the PyTorch baseline of the
 same iteration (`cpsc_jax.pytorch.dfkd`, imported lazily: torch stays optional)."""
-import functools
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -29,9 +28,9 @@ class JaxRunner:
         teacher_spec = ModelSpec(config.teacher.arch, config.num_classes, config.image_size, c,
                                  (0.0,) * c, (1.0,) * c)
         k_state, k_teacher = jax.random.split(jax.random.PRNGKey(seed))
-        # Initialised under jit (one compilation instead of one per initialiser op), then
-        # replicated like the iteration's outputs, or the second call would recompile.
-        state = jax.jit(functools.partial(steps.init_state, nets, config))(k_state)
+        # Each network's init is compiled once (`models.compiled_init`); the state is replicated
+        # like the iteration's outputs, or the second call would recompile.
+        state = steps.init_state(nets, config, k_state)
         teacher_vars = init_variables(teacher_spec, k_teacher)   # compiled once, in checkpoint
         self.state = runtime.replicate(state, topo)
         self.teacher_vars = runtime.replicate(teacher_vars, topo)

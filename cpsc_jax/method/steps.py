@@ -124,9 +124,9 @@ def reinit_generator(nets: Networks, config, state: DistillState, epoch: int) ->
     # state's tree structure, and new ones (equal in every setting) would make the compiled
     # iteration miss its cache and compile again.
     gen = state.generator
-    return state.replace(generator=gen.replace(
-        step=0, params=g_vars["params"], batch_stats=g_vars["batch_stats"],
-        opt_state=gen.tx.init(g_vars["params"])))
+    return state.replace(generator=TrainState.create(
+        apply_fn=gen.apply_fn, params=g_vars["params"], batch_stats=g_vars["batch_stats"],
+        tx=gen.tx))
 
 
 def sample_conditioning(rng, config, device_index, num_devices: int):
